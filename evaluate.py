@@ -1,0 +1,22 @@
+"""Evaluate persona persistence: python evaluate.py ckpt=PATH [turns=12 conversations=1 persona=...]"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from persona_lit.build import preflight
+from persona_lit.errors import exit_on_user_error
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from persona_lit.evaluation import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(preflight)(sys.argv[1:])
+    main()

@@ -1,0 +1,90 @@
+"""Trainable state + run config in one safetensors file: small, pickle-free, self-describing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from persona_lit.errors import UserError
+
+FORMAT_VERSION = "1"
+FINAL_NAME = "final.safetensors"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], fingerprint: str) -> Path:
+    """Atomic: written to a temporary file in the same directory, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"persona_lit": json.dumps({"version": FORMAT_VERSION, "fingerprint": fingerprint, "config": config})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint_path(ckpt: str | Path) -> Path:
+    """A .safetensors file, or a run directory holding checkpoints/final.safetensors."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / FINAL_NAME, path / FINAL_NAME):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"ckpt={ckpt}: no {FINAL_NAME} in this directory or its checkpoints/ folder")
+    if not path.is_file():
+        raise UserError(f"ckpt={ckpt}: file not found (give a .safetensors checkpoint or a run directory)")
+    if path.suffix != ".safetensors":
+        raise UserError(f"ckpt={ckpt}: not a .safetensors checkpoint (Lightning .ckpt files are for ckpt_path= "
+                        f"resuming; evaluate.py reads the {FINAL_NAME} written beside them)")
+    return path
+
+
+def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, header) where header has version, fingerprint and config. Never unpickles."""
+    path = resolve_checkpoint_path(ckpt)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("persona_lit")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"ckpt={path}: corrupted or not a safetensors file ({e})") from None
+    if raw is None:
+        raise UserError(f"ckpt={path}: a safetensors file without persona_lit metadata (not written by train.py)")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(f"ckpt={path}: corrupted persona_lit metadata") from None
+    return tensors, header
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Loads exactly the trainable tensors; a missing or unknown name is an error, not a silent no-op."""
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise UserError(f"{where}: checkpoint does not fit this model and mechanism "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {name!r})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                raise UserError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                f"the model has {tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))

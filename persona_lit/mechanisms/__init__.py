@@ -1,0 +1,21 @@
+"""Mechanism registry: `mechanism=<name>` on the command line picks one of these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from persona_lit.errors import UserError
+from persona_lit.mechanisms.base import Mechanism
+from persona_lit.mechanisms.lora import LoraMechanism
+from persona_lit.mechanisms.none import NoMechanism
+
+REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism}
+
+
+def build_mechanism(name: str, **options: Any) -> Mechanism:
+    if name not in REGISTRY:
+        raise UserError(f"unknown mechanism {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**options)
+
+
+__all__ = ["Mechanism", "REGISTRY", "build_mechanism"]

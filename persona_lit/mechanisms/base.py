@@ -1,0 +1,39 @@
+"""The small protocol every memory mechanism follows.
+
+A mechanism changes a Hugging Face causal LM in place, PEFT-style: it wraps modules and keeps the
+originals as base layers, never copies modeling code. Its own parameters carry one name prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterator
+
+from torch import nn
+
+from persona_lit.personas import Persona
+
+
+class Mechanism:
+    name: str = "base"
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Wrap `model`; return the model to use from now on (PEFT returns a wrapper)."""
+        self.model = model
+        return model
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    def disabled(self) -> ContextManager:
+        """Inside this context the model behaves exactly as the base model."""
+        return contextlib.nullcontext()
+
+    def begin_conversation(self, persona: Persona | None) -> None:
+        """Called before the first turn of a conversation (e.g. build a persona cache)."""
+
+    def begin_turn(self) -> None:
+        """Called before each new user turn (e.g. drop the last turn's segment)."""
+
+    def export(self, directory) -> None:
+        """Write a standard artifact other tools can load (e.g. a PEFT adapter directory), if any."""

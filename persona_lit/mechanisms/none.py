@@ -1,0 +1,15 @@
+"""`none`: the persona is only the system prompt. The baseline every other mechanism is compared with."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from persona_lit.mechanisms.base import Mechanism
+
+
+class NoMechanism(Mechanism):
+    name = "none"
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)  # nothing trains: the run measures the base model
+        return super().attach(model)

@@ -1,0 +1,93 @@
+"""PersonaLitModule: a backbone with a mechanism attached, trained on assistant tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from persona_lit.checkpoint import load_trainable
+from persona_lit.data.dialogues import IGNORE
+from persona_lit.errors import UserError
+from persona_lit.mechanisms.base import Mechanism
+
+
+def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) of the next-token distributions at positions that carry a label."""
+    mask = labels[:, 1:] != IGNORE
+    t = F.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
+    s = F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+class PersonaLitModule(L.LightningModule):
+    """`optimizer` and `scheduler` are partials from config (`_partial_: true`); the module supplies
+    the parameters and the number of steps. `run_config` travels inside every checkpoint."""
+
+    def __init__(self, model: nn.Module, mechanism: Mechanism, optimizer: Callable, scheduler: Callable | None = None,
+                 kl_weight: float = 0.0, run_config: dict[str, Any] | None = None, fingerprint: str = ""):
+        super().__init__()
+        self.model, self.mechanism = model, mechanism
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.kl_weight, self.run_config, self.fingerprint = kl_weight, run_config or {}, fingerprint
+        self.strict_loading = False  # checkpoints hold only the trainable tensors; load_trainable checks them
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def has_trainable(self) -> bool:
+        return any(True for _ in self.mechanism.trainable_parameters())
+
+    def _loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        loss = out.loss
+        n = batch["input_ids"].shape[0]
+        if self.kl_weight > 0 and stage == "train":
+            # The teacher is the same weights with the mechanism switched off: no second model copy.
+            with torch.no_grad(), self.mechanism.disabled():
+                teacher = self(batch["input_ids"], batch["attention_mask"]).logits
+            kl = masked_kl(teacher, out.logits, batch["labels"])
+            self.log(f"{stage}/kl_to_base", kl, batch_size=n)
+            loss = loss + self.kl_weight * kl
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if not self.has_trainable():  # mechanism=none: log the loss curve, step nothing
+            with torch.no_grad():
+                self._loss(batch, "train")
+            return None
+        return self._loss(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._loss(batch, "val")
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # from_pretrained hands models over in eval mode
+
+    def configure_optimizers(self) -> Any:
+        params = list(self.mechanism.trainable_parameters())
+        if not params:
+            return None
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Checkpoints: only what trains (a few MB for LoRA on SmolLM2), plus what identifies the run.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["persona_lit"] = {"fingerprint": self.fingerprint, "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("persona_lit", {}).get("fingerprint")
+        if saved and saved != self.fingerprint:
+            raise UserError(f"ckpt_path: checkpoint was trained on another base model (fingerprint {saved}, "
+                            f"this model {self.fingerprint})")
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        load_trainable(self.model, state, "ckpt_path")

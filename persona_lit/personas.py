@@ -1,0 +1,202 @@
+"""Personas: a name, a system prompt, and probes whose adherence checks are code.
+
+A persona is a YAML file (see persona_lit/persona_pack/ for the built-in ones):
+
+    name: Captain Codebeard
+    system_prompt: "You are Captain Codebeard, ..."
+    description: one line for reports
+    exchanges: codebeard.jsonl          # optional training dialogues, chat `messages` JSONL
+    probes:
+      - question: What is your name?
+        kind: name
+        check: {contains_any: [codebeard]}
+        persona_answer: Arr, Captain Codebeard be my name!
+        assistant_answer: I am an AI assistant and do not have a name.
+      - question: Describe a linked list.
+        check: {max_sentences: 3}
+
+A check is a mapping of one check name (from CHECKS) to its argument. Several keys in one
+mapping must all pass. Checks see the answer text only and return True/False.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from persona_lit.errors import UserError
+
+PACK_DIR = Path(__file__).parent / "persona_pack"
+
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s+|$)")
+_WORD = re.compile(r"[A-Za-z']+")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def _as_list(arg: Any) -> list[str]:
+    return [arg] if isinstance(arg, str) else list(arg)
+
+
+# Every check takes (answer, argument) -> bool. Case-insensitive where words are concerned.
+CHECKS: dict[str, Callable[[str, Any], bool]] = {
+    "contains_any": lambda text, words: any(w.lower() in text.lower() for w in _as_list(words)),
+    "contains_all": lambda text, words: all(w.lower() in text.lower() for w in _as_list(words)),
+    "contains_none": lambda text, words: not any(w.lower() in text.lower() for w in _as_list(words)),
+    "max_sentences": lambda text, n: 0 < len(_sentences(text)) <= int(n),
+    "min_sentences": lambda text, n: len(_sentences(text)) >= int(n),
+    "max_words": lambda text, n: 0 < len(_words(text)) <= int(n),
+    "min_words": lambda text, n: len(_words(text)) >= int(n),
+    "no_letter": lambda text, letter: str(letter).lower() not in text.lower(),
+    "starts_with": lambda text, prefixes: text.strip().lower().startswith(
+        tuple(p.lower() for p in _as_list(prefixes))
+    ),
+    "ends_with": lambda text, suffixes: text.strip().lower().endswith(
+        tuple(s.lower() for s in _as_list(suffixes))
+    ),
+    "regex": lambda text, pattern: re.search(pattern, text, flags=re.IGNORECASE) is not None,
+    "not_regex": lambda text, pattern: re.search(pattern, text, flags=re.IGNORECASE) is None,
+    "all_lowercase": lambda text, flag: (text == text.lower()) == bool(flag),
+    "min_exclamations": lambda text, n: text.count("!") >= int(n),
+    "no_exclamations": lambda text, flag: ("!" not in text) == bool(flag),
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    spec: dict[str, Any]
+
+    def __call__(self, answer: str) -> bool:
+        return all(CHECKS[name](answer, arg) for name, arg in self.spec.items())
+
+
+@dataclass(frozen=True)
+class Probe:
+    question: str
+    check: Check
+    kind: str = "style"  # "name" for name recall; reports group probes by kind
+    # Reference answers: one in the persona's voice (passes the check), one a default assistant
+    # would give (fails it). They test the check itself and feed likelihood-margin metrics.
+    persona_answer: str = ""
+    assistant_answer: str = ""
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    system_prompt: str
+    description: str = ""
+    probes: tuple[Probe, ...] = ()
+    exchanges_path: Path | None = None
+    source: str = "<inline>"
+
+    @property
+    def key(self) -> str:
+        """The short name used on the command line and in logs (file stem for YAML personas)."""
+        return Path(self.source).stem if self.source != "<inline>" else self.name.lower().replace(" ", "_")
+
+    def name_probe(self) -> Probe | None:
+        return next((p for p in self.probes if p.kind == "name"), None)
+
+
+def _parse_check(spec: Any, where: str) -> Check:
+    if not isinstance(spec, dict) or not spec:
+        raise UserError(f"{where}: a check must be a mapping like {{contains_any: [word]}}; got {spec!r}")
+    unknown = sorted(set(spec) - set(CHECKS))
+    if unknown:
+        raise UserError(f"{where}: unknown check {unknown[0]!r}; allowed: {', '.join(sorted(CHECKS))}")
+    return Check(dict(spec))
+
+
+def persona_from_dict(raw: Any, source: str) -> Persona:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a persona must be a mapping with name, system_prompt and probes")
+    for key in ("name", "system_prompt"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise UserError(f"{source}: field {key!r} is missing or empty")
+    allowed = {"name", "system_prompt", "description", "probes", "exchanges"}
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise UserError(f"{source}: unknown field {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    probes = []
+    for i, p in enumerate(raw.get("probes") or []):
+        where = f"{source}: probes[{i}]"
+        if not isinstance(p, dict) or not isinstance(p.get("question"), str):
+            raise UserError(f"{where}: a probe needs a 'question' string and a 'check'")
+        extra_p = sorted(set(p) - {"question", "check", "kind", "persona_answer", "assistant_answer"})
+        if extra_p:
+            raise UserError(f"{where}: unknown field {extra_p[0]!r}")
+        probes.append(
+            Probe(
+                p["question"],
+                _parse_check(p.get("check"), where),
+                str(p.get("kind", "style")),
+                str(p.get("persona_answer", "")),
+                str(p.get("assistant_answer", "")),
+            )
+        )
+    exchanges = raw.get("exchanges")
+    exchanges_path = None
+    if exchanges:
+        exchanges_path = Path(exchanges)
+        if not exchanges_path.is_absolute() and source != "<inline>":
+            exchanges_path = Path(source).parent / exchanges_path
+    return Persona(
+        name=raw["name"].strip(),
+        system_prompt=raw["system_prompt"].strip(),
+        description=str(raw.get("description", "")).strip(),
+        probes=tuple(probes),
+        exchanges_path=exchanges_path,
+        source=source,
+    )
+
+
+def builtin_personas() -> list[str]:
+    return sorted(p.stem for p in PACK_DIR.glob("*.yaml"))
+
+
+def load_persona(name_or_path: str) -> Persona:
+    """A built-in persona by key (e.g. `codebeard`) or a path to a persona YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PACK_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise UserError(
+                f"unknown persona {name_or_path!r}; built-in: {', '.join(builtin_personas())} "
+                "(or give a path to a persona .yaml file)"
+            )
+    if not path.exists():
+        raise UserError(f"persona file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return persona_from_dict(raw, str(path))
+
+
+def persona_to_dict(p: Persona) -> dict[str, Any]:
+    """Plain data, stored inside checkpoints so evaluation needs no persona file."""
+    return {
+        "name": p.name,
+        "system_prompt": p.system_prompt,
+        "description": p.description,
+        "probes": [
+            {"question": q.question, "check": dict(q.check.spec), "kind": q.kind,
+             "persona_answer": q.persona_answer, "assistant_answer": q.assistant_answer}
+            for q in p.probes
+        ],
+    }
+
+

@@ -1,0 +1,75 @@
+"""What train.py runs: compose the objects from config, fit with Lightning, always close the logger."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from persona_lit.backbones import load_backbone
+from persona_lit.build import attach_mechanism, plain, resolve_persona, run_config
+from persona_lit.callbacks import ExportCheckpoint, ThroughputMonitor
+from persona_lit.errors import UserError
+from persona_lit.loggers import make_logger
+from persona_lit.module import PersonaLitModule
+
+
+def _resume_path(ckpt_path: str | None) -> str | None:
+    if ckpt_path in (None, "last"):
+        return ckpt_path
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path={ckpt_path}: file not found (give a run's checkpoints/last.ckpt)")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> Path:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    logger = None
+    try:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        resume = _resume_path(cfg.ckpt_path)
+        persona = resolve_persona(cfg.persona)
+        backbone = load_backbone(cfg.model)
+        model, mechanism = attach_mechanism(backbone, cfg.mechanism)
+        datamodule = instantiate(cfg.data, chat=backbone.chat, persona=persona)
+        datamodule.setup("fit")  # fail on bad data before any run artifact is made
+        config = run_config(cfg, persona)
+        module = PersonaLitModule(
+            model, mechanism, optimizer=instantiate(cfg.module.optimizer),
+            scheduler=instantiate(cfg.module.scheduler) if cfg.module.scheduler else None,
+            kl_weight=float(cfg.module.kl_weight), run_config=config, fingerprint=backbone.fingerprint,
+        )
+        ckpt_dir = run_dir / "checkpoints"
+        callbacks = [
+            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                            every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
+            ThroughputMonitor(),
+            ExportCheckpoint(str(ckpt_dir)),
+        ]
+        logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
+                             tags=[backbone.name, persona.key, mechanism.name], group=mechanism.name)
+        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        except RuntimeError as e:  # torch.load on a damaged or foreign .ckpt
+            if resume and ("checkpoint" in str(e).lower() or "zip" in str(e).lower() or "pickle" in str(e).lower()):
+                raise UserError(f"ckpt_path={resume}: cannot load ({str(e).splitlines()[0]})") from None
+            raise
+    except UserError:
+        if not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written left behind
+        raise
+    finally:
+        if logger:
+            logger.finalize("success")
+            if hasattr(logger, "experiment") and cfg.logger.kind == "wandb":
+                import wandb
+
+                wandb.finish()
+    print(f"persona_lit: run directory {run_dir}")
+    return run_dir
