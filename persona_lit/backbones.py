@@ -6,6 +6,7 @@ GGUF files are dequantized once and cached as safetensors under $PERSONA_LIT_CAC
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -140,14 +141,21 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str):
+    """Tokenizers are read-only here; Gemma's 262k vocabulary takes seconds to load, so load it once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_backbone(cfg: Any) -> Backbone:
     """cfg is the `model` config group (see conf/model/)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, cfg.get("dtype") or "float32")
     if cfg.get("tiny"):
-        tok_dir = _converted_gguf_dir(cfg.tokenizer_from)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = _cached_tokenizer(str(_converted_gguf_dir(cfg.tokenizer_from)))
         model = _tiny_model(cfg, tokenizer).to(dtype)
     else:
         if cfg.get("name_or_path"):

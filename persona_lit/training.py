@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> Path:
                             every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
             ThroughputMonitor(),
             ExportCheckpoint(str(ckpt_dir)),
+            *(instantiate(c) for c in (cfg.callbacks or {}).values()),
         ]
         logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
                              tags=[backbone.name, persona.key, mechanism.name], group=mechanism.name)

@@ -48,6 +48,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, pool: int = 16):
         self.lengths, self.batch_size, self.seed, self.shuffle, self.pool = list(lengths), batch_size, seed, shuffle, pool
         self.epoch, self.skip = 0, 0
+        self.sampler = self  # Lightning calls set_epoch() on batch_sampler.sampler, not on the batch sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

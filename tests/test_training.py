@@ -1,0 +1,47 @@
+"""Training through Lightning: resume after a kill, reload reproduces logits, DDP on 2 CPU processes."""
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+COMMON = ["model=tiny-llama", "mechanism=lora", "mechanism.options.dropout=0.0", "persona=joyful_writer",
+          "logger=none", "data.batch_size=8", "checkpoint.every_n_train_steps=2", "trainer.max_steps=14",
+          "trainer.enable_progress_bar=false", "module.optimizer.lr=1e-2"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    full = run_cli("train.py", *COMMON, f"hydra.run.dir={tmp_path}/full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    # Killed abruptly after step 11 (mid-epoch 2 of ~8 batches per epoch); last.ckpt holds step 10.
+    killed = run_cli("train.py", *COMMON, f"hydra.run.dir={tmp_path}/resumed", "+callbacks.kill._target_=tests.helpers.KillAtStep",
+                     "+callbacks.kill.step=11")
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed/checkpoints/final.safetensors").exists()
+    resumed = run_cli("train.py", *COMMON, f"hydra.run.dir={tmp_path}/resumed", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "full/checkpoints/final.safetensors")
+    b = load_file(tmp_path / "resumed/checkpoints/final.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and training moved the weights (lora_B starts at zero)
+    assert any(k.endswith("lora_B.default.weight") and a[k].abs().sum() > 0 for k in a)
+
+
+def test_checkpoints_are_small(tmp_path):
+    run = run_cli("train.py", *COMMON, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    final = tmp_path / "checkpoints/final.safetensors"
+    last = tmp_path / "checkpoints/last.ckpt"
+    params = sum(t.numel() for t in load_file(final).values())
+    assert final.stat().st_size < params * 4 + 200_000  # trainable tensors + config, not the base model
+    assert last.stat().st_size < 3 * params * 4 + 500_000  # + Adam moments
+    # the Lightning checkpoint loads without unpickling arbitrary objects
+    torch.load(last, weights_only=True)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    run = run_cli("train.py", *COMMON, "trainer=ddp", "trainer.max_steps=3", f"hydra.run.dir={tmp_path}", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "checkpoints/final.safetensors").is_file()
