@@ -1,0 +1,40 @@
+"""The built-in persona pack and the adherence checks."""
+
+import pytest
+
+from persona_lit.data import read_dialogues
+from persona_lit.personas import CHECKS, builtin_personas, load_persona
+
+
+def test_pack_has_four_distinct_personas():
+    names = builtin_personas()
+    assert len(names) >= 4
+    personas = [load_persona(n) for n in names]
+    assert len({p.name for p in personas}) == len(personas)
+
+
+@pytest.mark.parametrize("key", builtin_personas())
+def test_persona_is_complete_and_its_checks_discriminate(key):
+    p = load_persona(key)
+    assert len(p.probes) >= 8 and p.name_probe() is not None
+    assert len(read_dialogues(p.exchanges_path)) >= 60
+    for probe in p.probes:
+        assert probe.check(probe.persona_answer), (key, probe.question)
+        assert not probe.check(probe.assistant_answer), (key, probe.question)
+
+
+@pytest.mark.parametrize(
+    "check,arg,good,bad",
+    [
+        ("contains_any", ["quill"], "I am Captain QUILL.", "I am an assistant."),
+        ("max_sentences", 2, "One. Two!", "One. Two. Three?"),
+        ("no_letter", "e", "A dry day.", "The end."),
+        ("starts_with", ["ah,"], "Ah, the oak.", "Well, ah, no."),
+        ("min_exclamations", 1, "Wow!", "Wow."),
+        ("no_exclamations", True, "Calm.", "Loud!"),
+        ("max_words", 3, "Keep it short.", "This has far too many words."),
+        ("regex", r"\bfair winds\b", "Fair winds, matey.", "Fairly windy."),
+    ],
+)
+def test_checks(check, arg, good, bad):
+    assert CHECKS[check](good, arg) and not CHECKS[check](bad, arg)
