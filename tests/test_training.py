@@ -45,3 +45,39 @@ def test_ddp_two_cpu_processes(tmp_path):
     run = run_cli("train.py", *COMMON, "trainer=ddp", "trainer.max_steps=3", f"hydra.run.dir={tmp_path}", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "checkpoints/final.safetensors").is_file()
+
+
+def test_restored_checkpoint_reproduces_the_trained_module(backbone_factory, tmp_path):
+    """Fit in-process through Lightning, then rebuild from final.safetensors alone: same logits."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from persona_lit.build import attach_mechanism, restore
+    from persona_lit.callbacks import ExportCheckpoint
+    from persona_lit.data import PersonaDialogueDataModule
+    from persona_lit.module import PersonaLitModule
+    from persona_lit.personas import load_persona, persona_to_dict
+    from tests.conftest import model_cfg, sample_batch
+
+    bb = backbone_factory("tiny-gemma3")
+    mech_cfg = OmegaConf.create({"name": "lora", "options": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    model, mechanism = attach_mechanism(bb, mech_cfg)
+    persona = load_persona("joyful_writer")
+    config = {"model": OmegaConf.to_container(model_cfg("tiny-gemma3")), "mechanism": OmegaConf.to_container(mech_cfg),
+              "persona": persona_to_dict(persona), "data": {}, "seed": 0}
+    module = PersonaLitModule(model, mechanism, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                              run_config=config, fingerprint=bb.fingerprint)
+    data = PersonaDialogueDataModule(bb.chat, persona, max_length=128, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[ExportCheckpoint(str(tmp_path))])
+    trainer.fit(module, datamodule=data)
+    batch = sample_batch(bb.chat)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    _, restored, _, restored_persona, _ = restore(str(tmp_path / "final.safetensors"))
+    with torch.no_grad():
+        got = restored(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(got, expected)
+    assert restored_persona.name == "Lyra" and len(restored_persona.probes) == len(persona.probes)
