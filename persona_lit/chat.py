@@ -65,18 +65,6 @@ class ChatTokenizer:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _normalize(self, messages: list[Message]) -> list[Message]:
-        msgs = [dict(m) for m in messages]
-        if (not msgs or msgs[0]["role"] != "system") and self.default_system_prompt:
-            msgs.insert(0, {"role": "system", "content": self.default_system_prompt})
-        if self.fmt.system_in_first_user and msgs and msgs[0]["role"] == "system":
-            system = msgs.pop(0)["content"]
-            if msgs and msgs[0]["role"] == "user":
-                msgs[0]["content"] = f"{system}\n\n{msgs[0]['content']}"
-            else:
-                msgs.insert(0, {"role": "user", "content": system})
-        return msgs
-
     def message_ids(self, role: str, content: str, close: bool = True) -> tuple[list[int], list[bool]]:
         """Ids of one message and its mask (True on assistant content and end token)."""
         head = self._ids(self.fmt.header.format(role=self.fmt.role_name(role)))
@@ -89,15 +77,55 @@ class ChatTokenizer:
             mask += [train] + [False] * len(tail)
         return ids, mask
 
-    def encode(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-        ids, mask = list(self.bos_ids), [False] * len(self.bos_ids)
-        for m in self._normalize(messages):
-            i, k = self.message_ids(m["role"], m["content"])
-            ids += i
-            mask += k
+    def persona_ids(self, system: str | None) -> list[int]:
+        """The persona segment that opens every conversation: BOS and the system prompt (or the model's
+        default one). Gemma has no system role: its persona opens the first user turn, which stays open."""
+        system = system if system is not None else self.default_system_prompt
+        ids = list(self.bos_ids)
+        if system and self.fmt.system_in_first_user:
+            ids += self._ids(self.fmt.header.format(role=self.fmt.role_name("user"))) + self._ids(f"{system}\n\n")
+        elif system:
+            ids += self.message_ids("system", system)[0]
+        return ids
+
+    def opens_user_turn(self, system: str | None) -> bool:
+        """Whether persona_ids(system) leaves the first user turn open (Gemma with a persona)."""
+        return self.fmt.system_in_first_user and bool(system if system is not None else self.default_system_prompt)
+
+    def user_turn_ids(self, text: str, open_turn: bool = False) -> list[int]:
+        """One user turn ending in the assistant header; `open_turn`: the header was already written."""
+        ids = self._ids(text) + self.close_assistant() if open_turn else self.message_ids("user", text)[0]
+        return ids + self.generation_prompt()
+
+    def encode_segments(self, messages: list[Message], add_generation_prompt: bool = False
+                        ) -> tuple[list[int], list[bool], list[int]]:
+        """(ids, assistant mask, segment per token): 0 for the persona, k for user turn k and its answer."""
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        rest = messages[1:] if system is not None else list(messages)
+        ids = self.persona_ids(system)
+        mask, segments = [False] * len(ids), [0] * len(ids)
+        open_turn, turn = self.opens_user_turn(system), 0
+        for m in rest:
+            if m["role"] == "user":
+                turn += 1
+            if open_turn and m["role"] == "user":
+                piece, piece_mask = self._ids(m["content"]) + self.close_assistant(), None
+                open_turn = False
+            else:
+                piece, piece_mask = self.message_ids(m["role"], m["content"])
+            ids += piece
+            mask += piece_mask or [False] * len(piece)
+            segments += [turn] * len(piece)
+        if open_turn:  # a persona with no user turn after it: close the open turn
+            ids += self.close_assistant()
         if add_generation_prompt:
             ids += self.generation_prompt()
-            mask += [False] * (len(ids) - len(mask))
+        mask += [False] * (len(ids) - len(mask))
+        segments += [turn] * (len(ids) - len(segments))
+        return ids, mask, segments
+
+    def encode(self, messages: list[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        ids, mask, _ = self.encode_segments(messages, add_generation_prompt)
         return ids, mask
 
     def generation_prompt(self) -> list[int]:
@@ -106,9 +134,8 @@ class ChatTokenizer:
     def turn_ids(self, user_text: str, first: bool = False, system: str | None = None) -> list[int]:
         """Ids appended to a running history for one new user turn, ending in the assistant header."""
         if first:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
-            return self.encode(msgs, add_generation_prompt=True)[0]
-        return self.message_ids("user", user_text)[0] + self.generation_prompt()
+            return self.persona_ids(system) + self.user_turn_ids(user_text, self.opens_user_turn(system))
+        return self.user_turn_ids(user_text)
 
     def close_assistant(self) -> list[int]:
         """Ids that close a generated assistant answer (the end token, then the trailer)."""

@@ -44,11 +44,12 @@ class Conversation:
     def __init__(self, system_prompt: str | None):
         self.system_prompt = system_prompt
         self.ids: list[int] = []
-        self.cache: Any = None  # a transformers Cache covering a prefix of self.ids
+        self.cache: Any = None  # a transformers Cache covering all of self.ids between turns
+        self.open_turn = False  # Gemma: the persona left the first user turn open
 
     def fork(self) -> "Conversation":
         other = Conversation(self.system_prompt)
-        other.ids, other.cache = list(self.ids), copy.deepcopy(self.cache)
+        other.ids, other.cache, other.open_turn = list(self.ids), copy.deepcopy(self.cache), self.open_turn
         return other
 
 
@@ -64,12 +65,41 @@ class ConversationRunner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _cached(self, conv: Conversation) -> int:
+        return 0 if conv.cache is None else conv.cache.get_seq_length()
+
+    @torch.no_grad()
+    def extend(self, conv: Conversation, ids: list[int]) -> None:
+        """Adds `ids` to the history and runs every not-yet-cached token through the model once."""
+        conv.ids += ids
+        todo = conv.ids[self._cached(conv):]
+        if not todo:
+            return
+        out = self.model(input_ids=torch.tensor([todo], device=self.device),
+                         attention_mask=torch.ones(1, len(conv.ids), dtype=torch.long, device=self.device),
+                         past_key_values=conv.cache, use_cache=True)
+        conv.cache = out.past_key_values
+
+    def start(self, persona: Persona | None) -> Conversation:
+        """A new conversation holding the persona segment (run through the model once)."""
+        system = persona.system_prompt if persona else None
+        if self.mechanism is not None:
+            self.mechanism.begin_conversation(persona)
+        conv = Conversation(system)
+        conv.open_turn = self.chat.opens_user_turn(system)
+        self.extend(conv, self.chat.persona_ids(system))
+        return conv
+
     @torch.no_grad()
     def say(self, conv: Conversation, user_text: str, max_new_tokens: int | None = None) -> str:
         """Appends one user turn and the model's answer to `conv`; returns the answer text."""
+        if not conv.ids:
+            self.extend(conv, self.chat.persona_ids(conv.system_prompt))
+            conv.open_turn = self.chat.opens_user_turn(conv.system_prompt)
         if self.mechanism is not None:
             self.mechanism.begin_turn()
-        conv.ids += self.chat.turn_ids(user_text, first=not conv.ids, system=conv.system_prompt)
+        conv.ids += self.chat.user_turn_ids(user_text, conv.open_turn)
+        conv.open_turn = False
         input_ids = torch.tensor([conv.ids], device=self.device)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=conv.cache,
@@ -80,13 +110,18 @@ class ConversationRunner:
         if new and new[-1] == self.chat.end_id:
             new = new[:-1]
         conv.cache = out.past_key_values
-        conv.ids += new + self.chat.close_assistant()
+        conv.ids += new
+        # Close the answer and cache it now, so the next turn starts from a fully cached history.
+        self.extend(conv, self.chat.close_assistant())
         return self.chat.decode(new)
 
     def probe(self, conv: Conversation, probes: Sequence[Probe], turn: int) -> list[ProbeResult]:
         results = []
         for p in probes:
+            state = self.mechanism.snapshot() if self.mechanism is not None else None
             answer = self.say(conv.fork(), p.question, self.probe_max_new_tokens)
+            if self.mechanism is not None:
+                self.mechanism.restore(state)  # the probe's turn never reaches the main conversation
             results.append(ProbeResult(turn, p.question, p.kind, answer, bool(p.check(answer))))
         return results
 
@@ -94,9 +129,7 @@ class ConversationRunner:
             progress: bool = True, desc: str = "conversation") -> list[TurnRecord]:
         """Turn 0 is the persona alone (probes only); user turn k is turn k. `user_turns` yields
         objects with `.text` and `.category` (MT-bench UserTurns) or plain strings."""
-        if self.mechanism is not None:
-            self.mechanism.begin_conversation(persona)
-        conv = Conversation(persona.system_prompt if persona else None)
+        conv = self.start(persona)
         probes = list(persona.probes) if persona else []
         records = [TurnRecord(0, "", "", "", 0, self.probe(conv, probes, 0) if 0 in probe_turns else [])]
         turns = list(user_turns)

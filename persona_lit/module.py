@@ -41,8 +41,11 @@ class PersonaLitModule(L.LightningModule):
     def has_trainable(self) -> bool:
         return any(True for _ in self.mechanism.trainable_parameters())
 
+    def _extra(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"segment_ids": batch["segment_ids"]} if self.mechanism.uses_segments else {}
+
     def _loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], **self._extra(batch))
         loss = out.loss
         n = batch["input_ids"].shape[0]
         if self.kl_weight > 0 and stage == "train":

@@ -23,19 +23,22 @@ class Collator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, examples: Sequence[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in examples)
+    def __call__(self, examples: Sequence[tuple[list[int], list[bool], list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(e[0]) for e in examples)
         input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(examples), width), dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-        for row, (ids, mask) in enumerate(examples):
+        segments = torch.full((len(examples), width), -1, dtype=torch.long)  # turn per token, -1 on padding
+        for row, (ids, mask, *segs) in enumerate(examples):
             n = len(ids)
             input_ids[row, :n] = torch.tensor(ids)
             attention[row, :n] = 1
             # Labels come from the assistant mask, not from comparing ids with pad: a real EOS that
             # equals the pad id is still trained, and padding never is.
             labels[row, :n] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+            if segs:
+                segments[row, :n] = torch.tensor(segs[0])
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "segment_ids": segments}
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -92,8 +95,8 @@ class PersonaDialogueDataModule(L.LightningDataModule):
         self.sources = list(sources) if sources else []
         self.with_system_prompt, self.max_length, self.batch_size = with_system_prompt, max_length, batch_size
         self.val_fraction, self.seed, self.num_workers, self.max_examples = val_fraction, seed, num_workers, max_examples
-        self.train_examples: list[tuple[list[int], list[bool]]] = []
-        self.val_examples: list[tuple[list[int], list[bool]]] = []
+        self.train_examples: list[tuple[list[int], list[bool], list[int]]] = []
+        self.val_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self._resume: dict[str, int] = {}
 
     def _paths(self) -> list[str]:
@@ -103,12 +106,11 @@ class PersonaDialogueDataModule(L.LightningDataModule):
             raise UserError(f"persona {self.persona.name!r} has no exchanges file; set data.sources=[PATH.jsonl]")
         return [str(self.persona.exchanges_path)]
 
-    def _encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]] | None:
+    def _encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool], list[int]] | None:
         if self.with_system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.persona.system_prompt}] + messages
-        ids, mask = self.chat.encode(messages)
-        ids, mask = ids[: self.max_length], mask[: self.max_length]
-        return (ids, mask) if any(mask) else None  # truncation cut every assistant token: nothing to learn
+        ids, mask, segments = (x[: self.max_length] for x in self.chat.encode_segments(messages))
+        return (ids, mask, segments) if any(mask) else None  # truncation cut every assistant token: nothing to learn
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
@@ -129,7 +131,7 @@ class PersonaDialogueDataModule(L.LightningDataModule):
         self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
 
     def _loader(self, examples, shuffle: bool) -> DataLoader:
-        sampler = BucketBatchSampler([len(ids) for ids, _ in examples], self.batch_size, self.seed, shuffle)
+        sampler = BucketBatchSampler([len(e[0]) for e in examples], self.batch_size, self.seed, shuffle)
         if shuffle and self._resume:
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip = self._resume["batches_done"]

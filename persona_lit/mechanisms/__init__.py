@@ -7,9 +7,10 @@ from typing import Any
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.lora import LoraMechanism
+from persona_lit.mechanisms.lyra import LyraMechanism
 from persona_lit.mechanisms.none import NoMechanism
 
-REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism}
+REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism, "lyra": LyraMechanism}
 
 
 def build_mechanism(name: str, **options: Any) -> Mechanism:

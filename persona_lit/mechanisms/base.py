@@ -7,7 +7,7 @@ originals as base layers, never copies modeling code. Its own parameters carry o
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator
+from typing import Any, ContextManager, Iterator
 
 from torch import nn
 
@@ -16,6 +16,7 @@ from persona_lit.personas import Persona
 
 class Mechanism:
     name: str = "base"
+    uses_segments: bool = False  # True: the model call takes the collator's `segment_ids` (turn per token)
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Wrap `model`; return the model to use from now on (PEFT returns a wrapper)."""
@@ -34,6 +35,13 @@ class Mechanism:
 
     def begin_turn(self) -> None:
         """Called before each new user turn (e.g. drop the last turn's segment)."""
+
+    def snapshot(self) -> Any:
+        """Conversation state to put back after a probe on a fork (see restore); None if stateless."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Puts back what snapshot() returned."""
 
     def export(self, directory) -> None:
         """Write a standard artifact other tools can load (e.g. a PEFT adapter directory), if any."""

@@ -1,0 +1,284 @@
+"""`lyra`: chosen attention layers attend to a fixed persona key/value segment plus the current turn.
+
+The persona segment never grows and never fades. Every other layer sees the whole conversation as usual.
+Two position frames: normal layers use the conversation's absolute positions; the chosen layers use
+0..P-1 for the persona and P + offset-in-turn for the current turn, so turn 1 after the persona is
+exactly the base model on persona + turn, and turn 50 looks the same to the chosen layers.
+
+How it hooks in, without copying modeling code: each chosen `self_attn` is wrapped (the original kept as
+`base`). The wrapper calls the original with (a) rotary embeddings for its own position frame, (b) its own
+attention mask, and (c) a small segment store in place of the KV cache, whose `update()` returns
+[persona ; current turn] keys/values. A forward pre-hook on the model reads the 2-D attention mask (and,
+in training, the collator's `segment_ids`) once per call and works out each new token's frame position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from persona_lit.backbones import decoder_layers, global_layers, layer_types
+from persona_lit.errors import UserError
+from persona_lit.mechanisms.base import Mechanism
+
+
+def default_layers(model: nn.Module) -> list[int]:
+    """Gemma-3: its global (full-attention) layers. Llama: every 6th layer and the last (SmolLM2's 30
+    layers -> 5, 11, 17, 23, 29), mirroring Gemma-3's 5:1 local:global layout."""
+    types = layer_types(model)
+    if "sliding_attention" in types:
+        return global_layers(model)
+    n = len(types)
+    return sorted({i for i in range(n) if (i + 1) % 6 == 0} | {n - 1})
+
+
+@dataclass
+class Segments:
+    """Keys/values of one chosen layer: the persona, an optional history window, the current turn.
+    Tensors are replaced, never changed in place, so a snapshot is a shallow copy."""
+
+    k: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+    valid: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def append(self, part: str, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        if part in self.k:
+            k, v, valid = (torch.cat([self.k[part], k], 2), torch.cat([self.v[part], v], 2),
+                           torch.cat([self.valid[part], valid], 1))
+        self.k[part], self.v[part], self.valid[part] = k, v, valid
+
+    def drop(self, part: str) -> None:
+        for d in (self.k, self.v, self.valid):
+            d.pop(part, None)
+
+    def ordered(self, name: str) -> list[torch.Tensor]:
+        d = getattr(self, name)
+        return [d[p] for p in ("persona", "window", "turn") if p in d]
+
+    def tokens(self) -> int:
+        return sum(k.shape[2] for k in self.k.values())
+
+
+class _SegmentCache:
+    """Stands in for the KV cache inside a chosen layer: stores the new keys/values in the current part
+    and returns the keys/values the layer may attend to. The model's own cache gets zero-width entries
+    so its length bookkeeping (positions, masks of the other layers) stays right at no memory cost."""
+
+    def __init__(self, segments: Segments, part: str, valid: torch.Tensor, real_cache: Any):
+        self.segments, self.part, self.valid, self.real_cache = segments, part, valid, real_cache
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.real_cache is not None:
+            self.real_cache.update(k[..., :0], v[..., :0], layer_idx, *args, **kwargs)
+        self.segments.append(self.part, k, v, self.valid)
+        return torch.cat(self.segments.ordered("k"), 2), torch.cat(self.segments.ordered("v"), 2)
+
+
+class LyraAttention(nn.Module):
+    def __init__(self, base: nn.Module, mechanism: "LyraMechanism", layer_idx: int, layer_type: str):
+        super().__init__()
+        self.base, self.layer_idx, self.layer_type = base, layer_idx, layer_type
+        self._mechanism = [mechanism]  # a list: not registered as a submodule
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        ctx = self._mechanism[0].ctx
+        if ctx is None:  # disabled, or no conversation/segments: the base layer unchanged
+            return self.base(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        cos_sin = ctx.rope(self.layer_type, hidden_states)
+        if ctx.train_mask is not None:
+            mask = ctx.format_mask(ctx.train_mask, hidden_states.dtype)
+            return self.base(hidden_states, cos_sin, mask, None, **kwargs)
+        segments = ctx.mechanism.segments.setdefault(self.layer_idx, Segments())
+        before = {p: segments.valid[p] for p in segments.valid}
+        store = _SegmentCache(segments, ctx.part, ctx.new_valid, past_key_values)
+        mask = ctx.format_mask(ctx.segment_mask(before), hidden_states.dtype)
+        return self.base(hidden_states, cos_sin, mask, store, **kwargs)
+
+
+class _Context:
+    """Per model call: frame positions of the new tokens and the masks the chosen layers use."""
+
+    def __init__(self, mechanism: "LyraMechanism", positions: torch.Tensor, new_valid: torch.Tensor,
+                 part: str | None = None, train_mask: torch.Tensor | None = None):
+        self.mechanism, self.positions, self.new_valid, self.part, self.train_mask = (
+            mechanism, positions, new_valid, part, train_mask)
+        self._rope: dict[str, Any] = {}
+
+    def rope(self, layer_type: str, hidden: torch.Tensor):
+        if layer_type not in self._rope:
+            rotary = self.mechanism.rotary
+            args = (hidden, self.positions) + ((layer_type,) if self.mechanism.rotary_takes_type else ())
+            self._rope[layer_type] = rotary(*args)
+        return self._rope[layer_type]
+
+    def segment_mask(self, before: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, 1, q, K]: every valid persona/window key, the current part causally, and always oneself
+        (so padded rows stay finite)."""
+        q = self.new_valid.shape[1]
+        parts = [p for p in ("persona", "window", "turn") if p in before or p == self.part]
+        cols = []
+        for p in parts:
+            old = before.get(p, self.new_valid[:, :0])
+            old_cols = old[:, None, :].expand(-1, q, -1)
+            if p != self.part:
+                cols.append(old_cols)
+                continue
+            causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=old.device))
+            new_cols = (self.new_valid[:, None, :] & causal) | torch.eye(q, dtype=torch.bool, device=old.device)
+            cols += [old_cols, new_cols]
+        return torch.cat(cols, dim=2)[:, None]
+
+    def format_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.mechanism.attn_implementation == "eager":  # additive float mask
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+
+class LyraMechanism(Mechanism):
+    name = "lyra"
+    uses_segments = True
+
+    def __init__(self, layers: list[int] | None = None, train_layers: bool = False, history_window: int = 0):
+        self.layers = list(layers) if layers is not None else None
+        self.train_layers, self.history_window = train_layers, int(history_window)
+        self.segments: dict[int, Segments] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.part: str | None = None  # "persona", then "turn"; None outside a conversation
+        self.persona_ids: list[torch.Tensor] = []
+        self.ctx: _Context | None = None
+        self._disabled = False
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        layers = decoder_layers(model)
+        self.layers = self.layers if self.layers is not None else default_layers(model)
+        bad = [i for i in self.layers if not 0 <= i < len(layers)]
+        if bad or not self.layers:
+            raise UserError(f"mechanism.options.layers={self.layers}: need layer indices in 0..{len(layers) - 1}")
+        types = layer_types(model)
+        for i in self.layers:
+            wrapped = LyraAttention(layers[i].self_attn, self, i, types[i])
+            layers[i].self_attn = wrapped
+            if self.train_layers:
+                wrapped.base.requires_grad_(True)
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.rotary = inner.rotary_emb
+        self.rotary_takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.attn_implementation = model.config._attn_implementation
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        model.register_forward_hook(lambda *a: setattr(self, "ctx", None))
+        return super().attach(model)
+
+    # conversation state -------------------------------------------------------------------------
+    def begin_conversation(self, persona=None) -> None:
+        self.segments, self.counts, self.part, self.persona_ids = {}, {}, "persona", []
+
+    def begin_turn(self) -> None:
+        if self.part is None:
+            return
+        for seg in self.segments.values():
+            if self.history_window > 0 and "turn" in seg.k:  # ablation: keep recent history visible
+                self._slide_window(seg)
+            seg.drop("turn")
+        self.counts.pop("turn", None)
+        self.part = "turn"
+
+    def _slide_window(self, seg: Segments) -> None:
+        # Window keys were rotated at their turn-frame positions; re-rotating them to their new window
+        # positions would need the rotation delta per token. We keep it simple and honest: the window
+        # holds the last N tokens' keys as they were (positions after the persona); see the ablation note.
+        seg.append("window", seg.k["turn"], seg.v["turn"], seg.valid["turn"])
+        for d in (seg.k, seg.v):
+            d["window"] = d["window"][:, :, -self.history_window:]
+        seg.valid["window"] = seg.valid["window"][:, -self.history_window:]
+
+    def snapshot(self) -> Any:
+        return ({i: Segments(dict(s.k), dict(s.v), dict(s.valid)) for i, s in self.segments.items()},
+                dict(self.counts), self.part)
+
+    def restore(self, state: Any) -> None:
+        self.segments, self.counts, self.part = state
+
+    def memory_tokens(self) -> int:
+        """Keys held by the chosen layers (persona + window + current turn), summed over layers."""
+        return sum(s.tokens() for s in self.segments.values())
+
+    def disabled(self) -> ContextManager:
+        @contextlib.contextmanager
+        def off():
+            self._disabled = True
+            try:
+                yield
+            finally:
+                self._disabled = False
+
+        return off()
+
+    # per-call context ---------------------------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        segment_ids = kwargs.pop("segment_ids", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs["inputs_embeds"]
+        batch, q = ref.shape[0], ref.shape[1]
+        mask2d = kwargs.get("attention_mask")
+        if self._disabled:
+            self.ctx = None
+        elif segment_ids is not None:
+            valid = (mask2d if mask2d is not None else torch.ones(batch, q, device=ref.device)).bool()
+            self.ctx = self._training_context(segment_ids.to(ref.device), valid)
+        elif self.part is not None:
+            valid = mask2d[:, -q:].bool() if mask2d is not None else torch.ones(batch, q, dtype=torch.bool,
+                                                                               device=ref.device)
+            self.ctx = self._inference_context(valid, ids)
+        else:
+            self.ctx = None
+        return args, kwargs
+
+    def _inference_context(self, valid: torch.Tensor, ids: torch.Tensor | None) -> _Context:
+        zero = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+        start = self.counts.get("persona", zero)
+        if self.part == "turn":
+            start = start + self.counts.get("window", zero) + self.counts.get("turn", zero)
+        elif ids is not None:
+            self.persona_ids.append(ids.detach().cpu())
+        positions = (start[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+        self.counts[self.part] = self.counts.get(self.part, zero) + valid.long().sum(1)
+        if self.part == "turn" and self.history_window > 0:
+            seen = min(self.history_window, max((s.valid["window"].shape[1] for s in self.segments.values()
+                                                  if "window" in s.valid), default=0))
+            self.counts["window"] = torch.full_like(zero, seen)
+        return _Context(self, positions, valid, part=self.part)
+
+    def _training_context(self, seg: torch.Tensor, valid: torch.Tensor) -> _Context:
+        """Teacher forcing: token i sees token j iff j <= i, j is real, and j is persona or in i's turn."""
+        t = seg.shape[1]
+        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=seg.device))
+        same = seg[:, :, None] == seg[:, None, :]
+        offset = ((same & causal & valid[:, None, :]).sum(2) - 1).clamp(min=0)  # index within own segment
+        persona_len = ((seg == 0) & valid).sum(1, keepdim=True)
+        positions = torch.where(seg == 0, offset, persona_len + offset)
+        allowed = causal & valid[:, None, :] & (same | (seg == 0)[:, None, :])
+        allowed |= torch.eye(t, dtype=torch.bool, device=seg.device)
+        return _Context(self, positions, valid, train_mask=allowed[:, None])
+
+    # persona cache file ---------------------------------------------------------------------------
+    def save_persona(self, path: str | Path) -> None:
+        """The persona segment as token ids in safetensors: no pickled cache class, no RoPE settings."""
+        if not self.persona_ids:
+            raise UserError("no persona segment to save: run a conversation's persona through the model first")
+        save_file({"persona_ids": torch.cat(self.persona_ids, 1).contiguous()}, str(path),
+                  metadata={"layers": ",".join(map(str, self.layers))})
+
+
+def load_persona_ids(path: str | Path) -> torch.Tensor:
+    try:
+        return load_file(str(path))["persona_ids"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"persona cache {path}: cannot read ({e})") from None

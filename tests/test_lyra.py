@@ -1,0 +1,177 @@
+"""Lyra's invariants on tiny-llama, tiny-gemma3 and (marked slow) the real Gemma-3-270M."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from persona_lit.build import attach_mechanism
+from persona_lit.conversation import ConversationRunner
+from persona_lit.mechanisms.lyra import load_persona_ids
+from persona_lit.personas import load_persona
+
+MODELS = ["tiny-llama", "tiny-gemma3", pytest.param("gemma3-270m", marks=pytest.mark.slow)]
+DIALOGUE = [{"role": "user", "content": "Tell me about volcanoes."},
+            {"role": "assistant", "content": "They are vents where molten rock escapes."},
+            {"role": "user", "content": "And glaciers?"},
+            {"role": "assistant", "content": "Rivers of ice, slow and patient."},
+            {"role": "user", "content": "Which is older?"},
+            {"role": "assistant", "content": "Ice ages come and go; volcanoes are older still."}]
+
+
+def lyra(bb, **options):
+    layers = {"tiny-llama": [1, 3]}.get(bb.name)  # tiny-llama's default would be its last layer only
+    cfg = {"name": "lyra", "options": {"layers": layers, **options}}
+    return attach_mechanism(bb, OmegaConf.create(cfg))
+
+
+def pieces(chat, system, dialogue):
+    """[(segment ids, assistant?)] for persona, then each user turn and answer, as the runner feeds them."""
+    out = [(chat.persona_ids(system), False)]
+    open_turn = chat.opens_user_turn(system)
+    for m in dialogue:
+        if m["role"] == "user":
+            out.append((chat.user_turn_ids(m["content"], open_turn), False))
+            open_turn = False
+        else:
+            out.append((chat._ids(m["content"]) + chat.close_assistant(), True))
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_first_turn_equals_the_base_model_on_persona_plus_turn(backbone_factory, name):
+    base, bb = backbone_factory(name), backbone_factory(name)
+    model, mech = lyra(bb)
+    system = load_persona("stoic").system_prompt
+    ids, _, _ = bb.chat.encode_segments([{"role": "system", "content": system}] + DIALOGUE[:2])
+    persona = bb.chat.persona_ids(system)
+    with torch.no_grad():
+        expected = base.model(input_ids=torch.tensor([ids])).logits
+        mech.begin_conversation(None)
+        out = model(input_ids=torch.tensor([persona]), use_cache=True)
+        mech.begin_turn()
+        rest = model(input_ids=torch.tensor([ids[len(persona):]]), past_key_values=out.past_key_values,
+                     attention_mask=torch.ones(1, len(ids), dtype=torch.long), use_cache=True)
+    got = torch.cat([out.logits, rest.logits], 1)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_decoding_equals_full_recomputation_with_the_turn_mask(backbone_factory, name):
+    bb = backbone_factory(name)
+    model, mech = lyra(bb)
+    system = load_persona("pirate_mentor").system_prompt
+    ids, _, segments = bb.chat.encode_segments([{"role": "system", "content": system}] + DIALOGUE)
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids]), segment_ids=torch.tensor([segments])).logits
+        mech.begin_conversation(None)
+        cache, seen, logits = None, 0, []
+        for k, (chunk, answer) in enumerate(pieces(bb.chat, system, DIALOGUE)):
+            if k > 0 and not answer:
+                mech.begin_turn()
+            steps = [[t] for t in chunk] if answer else [chunk]  # answers decode one token at a time
+            for step in steps:
+                seen += len(step)
+                out = model(input_ids=torch.tensor([step]), past_key_values=cache, use_cache=True,
+                            attention_mask=torch.ones(1, seen, dtype=torch.long))
+                cache = out.past_key_values
+                logits.append(out.logits)
+    assert seen == len(ids)
+    incremental = torch.cat(logits, 1)
+    assert torch.allclose(incremental, full, atol=1e-4, rtol=1e-4), (incremental - full).abs().max()
+    # and the turn mask matters: the base model on the same ids differs after turn 1
+    with mech.disabled(), torch.no_grad():
+        plain = model(input_ids=torch.tensor([ids])).logits
+    assert not torch.allclose(plain, full, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_batched_with_padding_equals_one_at_a_time(backbone_factory, name):
+    # Gemma's sliding window counts padded slots inside a history (transformers' behaviour, the base model
+    # differs batched vs alone too), so the window is widened here to test Lyra's own padding handling.
+    bb = backbone_factory(name, **({"tiny.sliding_window": 4096} if name == "tiny-gemma3" else {}))
+    model, mech = lyra(bb)
+    convs = [(load_persona("stoic").system_prompt, DIALOGUE[:4]),
+             (load_persona("botanist").system_prompt, [{"role": "user", "content": "Hi"},
+                                                      {"role": "assistant", "content": "Ah, hello there."},
+                                                      {"role": "user", "content": "What is a fern, in detail?"},
+                                                      {"role": "assistant", "content": "Ah, an old plant."}])]
+    chunks = [pieces(bb.chat, s, d) for s, d in convs]
+
+    def run(rows):
+        """Feeds chunk k of every row together, left-padded; returns per-row logits of real tokens."""
+        mech.begin_conversation(None)
+        pad = bb.chat.pad_id
+        cache, masks, got = None, [[] for _ in rows], [[] for _ in rows]
+        for k in range(len(rows[0])):
+            if k > 0 and not rows[0][k][1]:
+                mech.begin_turn()
+            width = max(len(r[k][0]) for r in rows)
+            ids = [[pad] * (width - len(r[k][0])) + r[k][0] for r in rows]
+            for i, r in enumerate(rows):
+                masks[i] += [0] * (width - len(r[k][0])) + [1] * len(r[k][0])
+            mask = torch.tensor(masks)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -width:]
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor(ids), attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            for i, r in enumerate(rows):
+                got[i].append(out.logits[i, width - len(r[k][0]):])
+        return [torch.cat(g) for g in got]
+
+    batched = run(chunks)
+    for i, c in enumerate(chunks):
+        alone = run([c])[0]
+        assert torch.allclose(batched[i], alone, atol=1e-4, rtol=1e-4), (i, (batched[i] - alone).abs().max())
+
+
+def test_chosen_layers_memory_stays_constant_while_the_cache_grows(backbone_factory):
+    bb = backbone_factory("tiny-gemma3")
+    model, mech = lyra(bb)
+    runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=4)
+    conv = runner.start(load_persona("stoic"))
+    persona_tokens = len(conv.ids)
+    memory, history = [], []
+    for t in range(50):
+        runner.say(conv, f"Question {t}: tell me something.")
+        memory.append(mech.memory_tokens())
+        history.append(conv.cache.get_seq_length())
+    chosen = set(mech.layers)
+    assert history[-1] > 10 * history[0]  # the plain cache grows with every turn...
+    assert max(memory) <= len(chosen) * (persona_tokens + 40) and max(memory) == min(memory[1:]) or \
+        max(memory) - min(memory) <= len(chosen) * 4  # ...the chosen layers hold persona + one turn
+    for i, layer in enumerate(conv.cache.layers):  # and the model's own cache stores nothing for them
+        if i in chosen:
+            assert layer.keys.numel() == 0 and layer.keys.shape[-2] == history[-1]
+
+
+def test_persona_cache_file_roundtrip_without_pickle(backbone_factory, tmp_path):
+    bb = backbone_factory("tiny-llama")
+    model, mech = lyra(bb)
+    runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=6)
+    persona = load_persona("joyful_writer")
+    conv = runner.start(persona)
+    first = runner.say(conv, "Describe the sea.")
+    mech.save_persona(tmp_path / "lyra_persona.safetensors")
+    ids = load_persona_ids(tmp_path / "lyra_persona.safetensors")  # safetensors: plain tensors, no unpickling
+    assert ids[0].tolist() == bb.chat.persona_ids(persona.system_prompt)
+    conv2 = runner.start(None)  # a conversation whose persona comes from the file alone
+    conv2.ids = []
+    runner.extend(conv2, ids[0].tolist())
+    conv2.system_prompt, conv2.open_turn = persona.system_prompt, bb.chat.opens_user_turn(persona.system_prompt)
+    assert runner.say(conv2, "Describe the sea.") == first
+
+
+def test_disabled_is_the_base_model_and_frozen_by_default(backbone_factory):
+    base, bb = backbone_factory("tiny-gemma3"), backbone_factory("tiny-gemma3")
+    model, mech = lyra(bb)
+    assert not list(mech.trainable_parameters())
+    ids = torch.tensor([bb.chat.encode([{"role": "user", "content": "hello"}] * 2)[0]])
+    with torch.no_grad():
+        mech.begin_conversation(None)
+        mech.begin_turn()
+        with mech.disabled():
+            assert torch.equal(model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+    _, trainable = lyra(backbone_factory("tiny-gemma3"), train_layers=True)
+    names = [n for n, p in trainable.model.named_parameters() if p.requires_grad]
+    assert names and all(".self_attn.base." in n for n in names)
