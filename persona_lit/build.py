@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ def require_writable(path: Path, key: str) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{key}={path}: cannot write there ({existing} is not a writable directory)")
+    try:  # os.access says yes to root everywhere (even /proc): try it
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".persona_lit_probe."))
+    except OSError as e:
+        raise UserError(f"{key}={path}: cannot write there ({existing}: {e.strerror})") from None
 
 
 def plain(cfg: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,6 +58,12 @@ def evaluate(cfg: DictConfig) -> Path:
                               list(cfg.exclude_categories))
     turns.setup("predict")  # bad data fails here, before the model loads
     backbone, model, mechanism, persona, config = _load(cfg)
+    if cfg.probe_kinds:
+        kept = tuple(p for p in persona.probes if p.kind in set(cfg.probe_kinds))
+        if not kept:
+            kinds = sorted({p.kind for p in persona.probes})
+            raise UserError(f"probe_kinds={list(cfg.probe_kinds)}: persona {persona.name!r} has probes of kinds {kinds}")
+        persona = dataclasses.replace(persona, probes=kept)
     torch.manual_seed(int(cfg.seed or 0))
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature))
@@ -70,8 +77,11 @@ def evaluate(cfg: DictConfig) -> Path:
         "config": config,
     }
     # Everything is written to a temporary sibling and renamed at the end: no half-written results.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    except OSError as e:
+        raise UserError(f"out_dir={out_dir}: cannot write there ({e.strerror})") from None
     try:
         write_report(tmp, results, conversations)
         if out_dir.exists():
