@@ -113,6 +113,8 @@ class ChatTokenizer:
                 open_turn = False
             else:
                 piece, piece_mask = self.message_ids(m["role"], m["content"])
+                if not m.get("train", True):  # e.g. filler turns: history to read, not answers to learn
+                    piece_mask = None
             ids += piece
             mask += piece_mask or [False] * len(piece)
             segments += [turn] * len(piece)

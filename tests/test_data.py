@@ -105,3 +105,16 @@ def test_mt_bench_from_the_package_and_the_turn_stream():
     assert stream != turn_stream(questions, 200, seed=2, exclude_categories=["roleplay"])
     for a, b in zip(stream[::2], stream[1::2]):  # a question's two turns stay adjacent
         assert a.question_id == b.question_id and (a.index_in_question, b.index_in_question) == (0, 1)
+
+
+def test_chained_dialogues_label_persona_answers_only(backbone_factory):
+    from persona_lit.data import PersonaDialogueDataModule
+    from persona_lit.personas import load_persona
+
+    chat = backbone_factory("tiny-llama").chat
+    dm = PersonaDialogueDataModule(chat, load_persona("stoic"), max_length=2048, chain_turns=3, filler_turns=1)
+    dm.setup()
+    ids, mask, segments = dm.train_examples[0]
+    assert max(segments) == 6  # 3 filler turns + 3 persona turns, numbered in order
+    labelled_turns = sorted({s for s, m in zip(segments, mask) if m})
+    assert labelled_turns == [2, 4, 6]  # filler answers are history only

@@ -175,3 +175,19 @@ def test_disabled_is_the_base_model_and_frozen_by_default(backbone_factory):
     _, trainable = lyra(backbone_factory("tiny-gemma3"), train_layers=True)
     names = [n for n, p in trainable.model.named_parameters() if p.requires_grad]
     assert names and all(".self_attn.base." in n for n in names)
+
+
+def test_trains_its_layers_on_chained_dialogues_and_evaluates(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+
+    run = run_cli("train.py", "model=tiny-llama", "mechanism=lyra", "mechanism.options.layers=[1,3]",
+                  "mechanism.options.train_layers=true", "persona=stoic", "data.chain_turns=3", "data.filler_turns=1",
+                  "data.max_length=768", "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/train")
+    assert run.returncode == 0, run.stderr[-3000:]
+    tensors = load_file(tmp_path / "train/checkpoints/final.safetensors")
+    assert tensors and all(".self_attn.base." in k and (".layers.1." in k or ".layers.3." in k) for k in tensors)
+    ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "probe_turns=[2]", "max_new_tokens=4",
+                 "probe_max_new_tokens=4", "logger=none", f"out_dir={tmp_path}/eval")
+    assert ev.returncode == 0, ev.stderr[-3000:]

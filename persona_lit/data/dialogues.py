@@ -89,12 +89,14 @@ class BucketBatchSampler(Sampler[list[int]]):
 class PersonaDialogueDataModule(L.LightningDataModule):
     def __init__(self, chat: ChatTokenizer, persona: Persona, sources: Sequence[str] | None = None,
                  with_system_prompt: bool = True, max_length: int = 512, batch_size: int = 4,
-                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0, max_examples: int | None = None):
+                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0, max_examples: int | None = None,
+                 chain_turns: int = 1, filler_turns: int = 0):
         super().__init__()
         self.chat, self.persona = chat, persona
         self.sources = list(sources) if sources else []
         self.with_system_prompt, self.max_length, self.batch_size = with_system_prompt, max_length, batch_size
         self.val_fraction, self.seed, self.num_workers, self.max_examples = val_fraction, seed, num_workers, max_examples
+        self.chain_turns, self.filler_turns = chain_turns, filler_turns
         self.train_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self.val_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self._resume: dict[str, int] = {}
@@ -112,6 +114,25 @@ class PersonaDialogueDataModule(L.LightningDataModule):
         ids, mask, segments = (x[: self.max_length] for x in self.chat.encode_segments(messages))
         return (ids, mask, segments) if any(mask) else None  # truncation cut every assistant token: nothing to learn
 
+    def _chain(self, dialogues: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+        """Long conversations for memory mechanisms: `chain_turns` persona dialogues in a row, each after
+        `filler_turns` MT-bench exchanges (reference answers) that are history only, never labels."""
+        if self.chain_turns <= 1 and self.filler_turns <= 0:
+            return dialogues
+        from persona_lit.data.readers import read_mt_bench_exchanges
+
+        rng = random.Random(self.seed)
+        filler = read_mt_bench_exchanges() if self.filler_turns > 0 else []
+        chained = []
+        for start in range(0, len(dialogues), max(1, self.chain_turns)):
+            conversation = []
+            for d in dialogues[start : start + self.chain_turns]:
+                for f in rng.sample(filler, self.filler_turns) if filler else []:
+                    conversation += [dict(m, train=False) for m in f]
+                conversation += [m for m in d if m["role"] != "system"]
+            chained.append(conversation)
+        return chained
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
@@ -123,7 +144,8 @@ class PersonaDialogueDataModule(L.LightningDataModule):
         dialogues = [d for path in self._paths() for d in read_dialogues(path)]
         if not dialogues:
             raise UserError(f"empty data set: no records in {', '.join(self._paths())}")
-        examples = [e for e in map(self._encode, dialogues[: self.max_examples]) if e is not None]
+        dialogues = self._chain(dialogues[: self.max_examples])
+        examples = [e for e in map(self._encode, dialogues) if e is not None]
         if not examples:
             raise UserError(f"empty data set: every example lost its assistant text at data.max_length={self.max_length}")
         random.Random(self.seed).shuffle(examples)

@@ -99,6 +99,22 @@ def default_mt_bench_path() -> Path:
     return root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
 
 
+def read_mt_bench_exchanges(questions_path: str | Path | None = None,
+                             answers_path: str | Path | None = None) -> list[list[dict[str, str]]]:
+    """MT-bench questions paired with their reference answers (both turns), as chat dialogues."""
+    questions = {q.question_id: q for q in read_mt_bench(questions_path)}
+    answers_path = answers_path or default_mt_bench_path().parent / "reference_answer" / "gpt-4.jsonl"
+    dialogues = []
+    for where, record in read_jsonl(answers_path):
+        q = questions.get(record.get("question_id"))
+        turns = (record.get("choices") or [{}])[0].get("turns")
+        if q is None or not isinstance(turns, list):
+            raise UserError(f"{where}: needs a known 'question_id' and 'choices[0].turns'")
+        for user, answer in zip(q.turns, turns):
+            dialogues.append([{"role": "user", "content": user}, {"role": "assistant", "content": str(answer)}])
+    return dialogues
+
+
 def read_mt_bench(path: str | Path | None = None) -> list[MTBenchQuestion]:
     questions = []
     for where, record in read_jsonl(path or default_mt_bench_path()):
