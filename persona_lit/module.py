@@ -11,6 +11,7 @@ from torch import nn
 
 from persona_lit.checkpoint import load_trainable
 from persona_lit.data.dialogues import IGNORE
+from persona_lit.distill import fresh_persona_kl
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 
@@ -28,11 +29,13 @@ class PersonaLitModule(L.LightningModule):
     the parameters and the number of steps. `run_config` travels inside every checkpoint."""
 
     def __init__(self, model: nn.Module, mechanism: Mechanism, optimizer: Callable, scheduler: Callable | None = None,
-                 kl_weight: float = 0.0, run_config: dict[str, Any] | None = None, fingerprint: str = ""):
+                 kl_weight: float = 0.0, run_config: dict[str, Any] | None = None, fingerprint: str = "",
+                 distill_weight: float = 0.0, pad_id: int = 0):
         super().__init__()
         self.model, self.mechanism = model, mechanism
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.kl_weight, self.run_config, self.fingerprint = kl_weight, run_config or {}, fingerprint
+        self.distill_weight, self.pad_id = distill_weight, pad_id
         self.strict_loading = False  # checkpoints hold only the trainable tensors; load_trainable checks them
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
@@ -55,6 +58,10 @@ class PersonaLitModule(L.LightningModule):
             kl = masked_kl(teacher, out.logits, batch["labels"])
             self.log(f"{stage}/kl_to_base", kl, batch_size=n)
             loss = loss + self.kl_weight * kl
+        if self.distill_weight > 0 and stage == "train":
+            kl = fresh_persona_kl(self.model, self.mechanism, batch, out.logits, self.pad_id)
+            self.log(f"{stage}/kl_fresh_persona", kl, batch_size=n)
+            loss = loss + self.distill_weight * kl
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
         return loss
 

@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> Path:
             model, mechanism, optimizer=instantiate(cfg.module.optimizer),
             scheduler=instantiate(cfg.module.scheduler) if cfg.module.scheduler else None,
             kl_weight=float(cfg.module.kl_weight), run_config=config, fingerprint=backbone.fingerprint,
+            distill_weight=float(cfg.module.distill_weight), pad_id=backbone.chat.pad_id,
         )
         ckpt_dir = run_dir / "checkpoints"
         callbacks = [

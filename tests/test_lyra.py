@@ -191,3 +191,22 @@ def test_trains_its_layers_on_chained_dialogues_and_evaluates(tmp_path):
     ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "probe_turns=[2]", "max_new_tokens=4",
                  "probe_max_new_tokens=4", "logger=none", f"out_dir={tmp_path}/eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
+
+
+def test_fresh_persona_distillation_is_zero_on_turn_one_and_positive_later(backbone_factory):
+    """The teacher of turn k sees [persona ; turn k]. Lyra on turn 1 is that view exactly (KL ~ 0); on a
+    later turn the base model with history differs from it."""
+    from persona_lit.data import Collator
+    from persona_lit.distill import fresh_persona_kl
+
+    bb = backbone_factory("tiny-llama")
+    model, mech = lyra(bb, layers=[0, 1, 2, 3])  # every layer Lyra: the student *is* the fresh view
+    system = {"role": "system", "content": load_persona("stoic").system_prompt}
+    batch = Collator(bb.chat.pad_id)([bb.chat.encode_segments([system] + DIALOGUE)])
+    with torch.no_grad():
+        student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        segment_ids=batch["segment_ids"]).logits
+        assert fresh_persona_kl(model, mech, batch, student, bb.chat.pad_id) < 1e-6
+        with mech.disabled():
+            plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert fresh_persona_kl(model, mech, batch, plain, bb.chat.pad_id) > 1e-4
