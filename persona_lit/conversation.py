@@ -26,6 +26,7 @@ class ProbeResult:
     kind: str
     answer: str
     passed: bool
+    margin: float | None = None  # mean log p per token: persona answer minus default-assistant answer
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TurnRecord:
     category: str
     history_tokens: int
     probes: list[ProbeResult] = field(default_factory=list)
+    reply_state: torch.Tensor | None = None  # (layers, hidden) at the start of the reply, mean over probes
 
 
 class Conversation:
@@ -115,29 +117,60 @@ class ConversationRunner:
         self.extend(conv, self.chat.close_assistant())
         return self.chat.decode(new)
 
-    def probe(self, conv: Conversation, probes: Sequence[Probe], turn: int) -> list[ProbeResult]:
-        results = []
-        for p in probes:
-            state = self.mechanism.snapshot() if self.mechanism is not None else None
-            answer = self.say(conv.fork(), p.question, self.probe_max_new_tokens)
+    @torch.no_grad()
+    def score(self, conv: Conversation, question: str, answer: str) -> tuple[float, torch.Tensor]:
+        """(mean log p per token of `answer` after `question`, hidden states (layers, hidden) at the start
+        of the reply), by one forward on a fork: nothing is generated and nothing enters the history."""
+        fork = conv.fork()
+        if self.mechanism is not None:
+            self.mechanism.begin_turn()
+        prompt = self.chat.user_turn_ids(question, fork.open_turn)
+        target = self.chat._ids(answer) + [self.chat.end_id]
+        ids = prompt + target
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=fork.cache,
+                         attention_mask=torch.ones(1, len(fork.ids) + len(ids), dtype=torch.long, device=self.device),
+                         use_cache=True, output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[0, len(prompt) - 1 : -1].float(), -1)
+        mean_logp = float(logp.gather(1, torch.tensor(target, device=self.device)[:, None]).mean())
+        start = len(prompt) - 1
+        return mean_logp, torch.stack([h[0, start].float().cpu() for h in out.hidden_states[1:]])
+
+    def _on_fork(self, fn, *args):
+        state = self.mechanism.snapshot() if self.mechanism is not None else None
+        try:
+            return fn(*args)
+        finally:
             if self.mechanism is not None:
                 self.mechanism.restore(state)  # the probe's turn never reaches the main conversation
-            results.append(ProbeResult(turn, p.question, p.kind, answer, bool(p.check(answer))))
-        return results
+
+    def probe(self, conv: Conversation, probes: Sequence[Probe], turn: int) -> tuple[list[ProbeResult], torch.Tensor | None]:
+        results, states = [], []
+        for p in probes:
+            answer = self._on_fork(self.say, conv.fork(), p.question, self.probe_max_new_tokens)
+            logp_persona, state = self._on_fork(self.score, conv, p.question, p.persona_answer)
+            margin = None
+            if p.persona_answer and p.assistant_answer:
+                margin = logp_persona - self._on_fork(self.score, conv, p.question, p.assistant_answer)[0]
+            states.append(state)
+            results.append(ProbeResult(turn, p.question, p.kind, answer, bool(p.check(answer)), margin))
+        return results, torch.stack(states).mean(0) if states else None
 
     def run(self, persona: Persona | None, user_turns: Iterable[Any], probe_turns: Sequence[int],
-            progress: bool = True, desc: str = "conversation") -> list[TurnRecord]:
-        """Turn 0 is the persona alone (probes only); user turn k is turn k. `user_turns` yields
-        objects with `.text` and `.category` (MT-bench UserTurns) or plain strings."""
+            probes: Sequence[Probe] | None = None, progress: bool = True, desc: str = "conversation") -> list[TurnRecord]:
+        """Turn 0 is the persona alone (probes only); user turn k is turn k. `user_turns` yields objects
+        with `.text` and `.category` (MT-bench UserTurns) or plain strings. `probes` defaults to the
+        persona's; pass them with persona=None for the control arm."""
         conv = self.start(persona)
-        probes = list(persona.probes) if persona else []
-        records = [TurnRecord(0, "", "", "", 0, self.probe(conv, probes, 0) if 0 in probe_turns else [])]
+        probes = list(probes if probes is not None else (persona.probes if persona else []))
+        records = [TurnRecord(0, "", "", "", len(conv.ids))]
+        if 0 in probe_turns:
+            records[0].probes, records[0].reply_state = self.probe(conv, probes, 0)
         turns = list(user_turns)
         for t, turn in enumerate(tqdm(turns, desc=desc, unit="turn", disable=not progress), start=1):
             text, category = (turn, "") if isinstance(turn, str) else (turn.text, turn.category)
             answer = self.say(conv, text)
             record = TurnRecord(t, text, answer, category, len(conv.ids))
             if t in probe_turns:
-                record.probes = self.probe(conv, probes, t)
+                record.probes, record.reply_state = self.probe(conv, probes, t)
             records.append(record)
         return records

@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, require_writable, resolve_persona, restore
-from persona_lit.conversation import ConversationRunner, TurnRecord
+from persona_lit.conversation import ConversationRunner
+from persona_lit.drift import run_protocol, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule
 from persona_lit.errors import UserError
 from persona_lit.loggers import make_logger
-from persona_lit.metrics import ProbeAdherence
 from persona_lit.report import write_report
 
 
@@ -31,21 +31,6 @@ def _load(cfg: DictConfig):
     model, mechanism = attach_mechanism(backbone, cfg.mechanism)
     persona = resolve_persona(cfg.persona or "pirate_mentor")
     return backbone, model.eval(), mechanism, persona, {"model": plain(cfg.model), "mechanism": plain(cfg.mechanism)}
-
-
-def summarize(conversations: list[list[TurnRecord]], probe_turns: list[int]) -> dict[str, Any]:
-    kinds = sorted({p.kind for records in conversations for r in records for p in r.probes})
-    metrics = {kind: ProbeAdherence(probe_turns) for kind in kinds}
-    tokens: dict[str, list[int]] = {}
-    for records in conversations:
-        for r in records:
-            tokens.setdefault(str(r.turn), []).append(r.history_tokens)
-            for kind in kinds:
-                verdicts = [p.passed for p in r.probes if p.kind == kind]
-                if verdicts:
-                    metrics[kind].update(r.turn, verdicts)
-    return {"metrics": {f"adherence/{k}": m.compute() for k, m in metrics.items()},
-            "history_tokens": {t: round(sum(v) / len(v)) for t, v in tokens.items()}}
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -67,13 +52,12 @@ def evaluate(cfg: DictConfig) -> Path:
     torch.manual_seed(int(cfg.seed or 0))
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature))
-    conversations = [runner.run(persona, stream, probe_turns, desc=f"conversation {k + 1}/{len(turns.streams)}")
-                     for k, stream in enumerate(turns.streams)]
+    protocol = run_protocol(runner, persona, turns.streams, probe_turns, control=bool(cfg.control))
     results = {
         "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name, "persona": persona.name,
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens)},
-        **summarize(conversations, probe_turns),
+        **summarize(protocol, probe_turns, cfg.projection_layer),
         "config": config,
     }
     # Everything is written to a temporary sibling and renamed at the end: no half-written results.
@@ -83,7 +67,7 @@ def evaluate(cfg: DictConfig) -> Path:
     except OSError as e:
         raise UserError(f"out_dir={out_dir}: cannot write there ({e.strerror})") from None
     try:
-        write_report(tmp, results, conversations)
+        write_report(tmp, results, protocol.persona_arm, protocol.control_arm)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
@@ -91,22 +75,31 @@ def evaluate(cfg: DictConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log_results(cfg, results, out_dir, persona.key)
-    print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, adherence.png)")
+    print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir
 
 
 def log_results(cfg: DictConfig, results: dict[str, Any], out_dir: Path, persona_key: str) -> None:
+    """Per-turn curves with turn as the step (runs of different mechanisms overlay), plots as images and,
+    on W&B, a table of every probe verdict."""
     run = results["run"]
     logger = make_logger(cfg.logger, str(out_dir), results["run"], tags=[run["model"], persona_key, "eval"],
                          group=run["mechanism"], name=f"eval-{run['mechanism']}-{persona_key}")
     if not logger:
         return
     try:
-        for name, m in results["metrics"].items():
-            for turn, mean in zip(m["turn"], m["mean"]):
-                logger.log_metrics({f"drift/{name}": mean}, step=turn)
+        for turn_index, turn in enumerate(results["run"]["probe_turns"]):
+            logger.log_metrics({f"drift/{name}": m["mean"][turn_index] for name, m in results["metrics"].items()
+                                if turn in m["turn"]}, step=turn)
         if cfg.logger.kind == "wandb":
-            logger.log_image("drift/adherence_plot", [str(out_dir / "adherence.png")])
+            import json
+
+            for png in sorted(out_dir.glob("*.png")):
+                logger.log_image(f"drift/{png.stem}_plot", [str(png)])
+            rows = [[r["arm"], r["conversation"], p["turn"], p["kind"], p["question"], p["answer"], p["passed"],
+                     p["margin"]] for r in map(json.loads, (out_dir / "transcript.jsonl").open()) for p in r["probes"]]
+            logger.log_table("drift/probes", columns=["arm", "conversation", "turn", "kind", "question", "answer",
+                                                      "passed", "margin"], data=rows)
     finally:
         logger.finalize("success")
         if cfg.logger.kind == "wandb":

@@ -69,6 +69,8 @@ CHECKS: dict[str, Callable[[str, Any], bool]] = {
     "all_lowercase": lambda text, flag: (text == text.lower()) == bool(flag),
     "min_exclamations": lambda text, n: text.count("!") >= int(n),
     "no_exclamations": lambda text, flag: ("!" not in text) == bool(flag),
+    # Li et al. 2024's one-line checks, parsed with ast and interpreted on a whitelist (never eval'd)
+    "li2024": lambda text, source: __import__("persona_lit.li2024", fromlist=["li2024_check"]).li2024_check(text, source),
 }
 
 
@@ -166,7 +168,16 @@ def builtin_personas() -> list[str]:
 
 
 def load_persona(name_or_path: str) -> Persona:
-    """A built-in persona by key (e.g. `codebeard`) or a path to a persona YAML file."""
+    """A built-in persona by key (e.g. `stoic`), a path to a persona YAML file, or `FILE.jsonl#N`:
+    record N of a Li et al. 2024 style file (system_prompt, probe, adherence_check)."""
+    if "#" in name_or_path and name_or_path.split("#")[0].endswith(".jsonl"):
+        from persona_lit.li2024 import load_li2024
+
+        file, index = name_or_path.rsplit("#", 1)
+        found = [p for p in load_li2024(file, skip_unsupported=False) if p.name == f"li2024-{index}"]
+        if not found:
+            raise UserError(f"persona {name_or_path!r}: no record with index {index} in {file}")
+        return found[0]
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = PACK_DIR / f"{name_or_path}.yaml"

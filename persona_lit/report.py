@@ -15,48 +15,66 @@ import matplotlib.pyplot as plt  # noqa: E402
 from persona_lit.conversation import TurnRecord  # noqa: E402
 
 
-def write_transcripts(path: Path, conversations: list[list[TurnRecord]]) -> None:
+def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:
     with path.open("w", encoding="utf-8") as f:
-        for c, records in enumerate(conversations):
-            for r in records:
-                f.write(json.dumps({"conversation": c, **asdict(r)}, ensure_ascii=False) + "\n")
+        for arm, conversations in arms.items():
+            for c, records in enumerate(conversations):
+                for r in records:
+                    row = {k: v for k, v in asdict(r).items() if k != "reply_state"}  # tensors stay out of JSON
+                    f.write(json.dumps({"arm": arm, "conversation": c, **row}, ensure_ascii=False) + "\n")
 
 
-def plot_adherence(path: Path, metrics: dict[str, dict[str, list[float]]], title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, m in metrics.items():
-        ax.plot(m["turn"], m["mean"], marker="o", label=name)
-        ax.fill_between(m["turn"], m["ci_low"], m["ci_high"], alpha=0.2)
-    ax.set_xlabel("turn")
-    ax.set_ylabel("probe adherence")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+PLOTS = {"adherence": ("adherence/", "probe adherence"), "margin": ("likelihood_margin", "log p persona - log p default"),
+         "projection": ("projection", "projection (1 = turn 0, 0 = no persona)")}
 
 
-def markdown_report(results: dict[str, Any]) -> str:
-    lines = [f"# persona_lit evaluation: {results['run']['mechanism']} on {results['run']['model']}", "",
-             f"Persona: **{results['run']['persona']}**. Checkpoint: `{results['run']['ckpt']}`. "
-             f"{results['run']['conversations']} conversation(s) of {results['run']['turns']} MT-bench turns, "
-             f"{'sampled' if results['run']['do_sample'] else 'greedy'} decoding.", ""]
+def plot_metrics(out_dir: Path, metrics: dict[str, dict[str, Any]], title: str) -> list[str]:
+    """One PNG per metric family, persona arm solid, control arm dashed, 95% intervals shaded."""
+    written = []
+    for stem, (prefix, ylabel) in PLOTS.items():
+        names = [n for n in metrics if n.startswith(prefix)]
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in names:
+            m = metrics[name]
+            style = "--" if name.endswith("_control") else "-"
+            ax.plot(m["turn"], m["mean"], style, marker="o", label=name)
+            ax.fill_between(m["turn"], m["ci_low"], m["ci_high"], alpha=0.15)
+        ax.set_xlabel("turn")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{stem}.png", dpi=120)
+        plt.close(fig)
+        written.append(f"{stem}.png")
+    return written
+
+
+def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
+    run = results["run"]
+    lines = [f"# persona_lit evaluation: {run['mechanism']} on {run['model']}", "",
+             f"Persona: **{run['persona']}**. Checkpoint: `{run['ckpt']}`. {run['conversations']} conversation(s) "
+             f"of {run['turns']} MT-bench turns, {'sampled' if run['do_sample'] else 'greedy'} decoding. "
+             "Control arm: the same turns, no persona, base model.", ""]
     for name, m in results["metrics"].items():
-        lines += [f"## {name}", "", "| turn | history tokens | adherence | 95% CI | n |", "|---|---|---|---|---|"]
+        lines += [f"## {name}", "", "| turn | history tokens | mean | 95% CI | n |", "|---|---|---|---|---|"]
         for i, turn in enumerate(m["turn"]):
             tokens = results["history_tokens"].get(str(turn), 0)
-            lines.append(f"| {turn} | {tokens} | {m['mean'][i]:.2f} | [{m['ci_low'][i]:.2f}, {m['ci_high'][i]:.2f}] "
+            lines.append(f"| {turn} | {tokens} | {m['mean'][i]:.3f} | [{m['ci_low'][i]:.3f}, {m['ci_high'][i]:.3f}] "
                          f"| {int(m['n'][i])} |")
         lines.append("")
-    lines += ["Turn 0 is the persona alone: drift is relative to it.", "", "![adherence](adherence.png)", ""]
-    return "\n".join(lines)
+    lines += ["Turn 0 is the persona alone: drift is relative to it. Adherence intervals are Wilson intervals over "
+              "probes; margin and projection intervals are t-intervals over conversations.", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, results: dict[str, Any], conversations: list[list[TurnRecord]]) -> None:
+def write_report(out_dir: Path, results: dict[str, Any], persona_arm: list[list[TurnRecord]],
+                 control_arm: list[list[TurnRecord]]) -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    write_transcripts(out_dir / "transcript.jsonl", conversations)
-    plot_adherence(out_dir / "adherence.png", results["metrics"],
-                   f"{results['run']['mechanism']} / {results['run']['persona']}")
-    (out_dir / "report.md").write_text(markdown_report(results))
+    write_transcripts(out_dir / "transcript.jsonl", {"persona": persona_arm, "control": control_arm})
+    plots = plot_metrics(out_dir, results["metrics"], f"{results['run']['mechanism']} / {results['run']['persona']}")
+    (out_dir / "report.md").write_text(markdown_report(results, plots))

@@ -29,8 +29,10 @@ def test_smollm2_train_then_evaluate_from_the_checkpoint_alone(tmp_path):
     assert results["metrics"]["adherence/name"]["turn"] == [0, 2]
     assert results["history_tokens"]["2"] > results["history_tokens"]["1"] > 0
     lines = (tmp_path / "eval/transcript.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[1])["answer"]
-    for name in ("report.md", "adherence.png"):
+    assert len(lines) == 6 and json.loads(lines[1])["answer"]  # persona arm + control arm, turns 0..2
+    assert {json.loads(line)["arm"] for line in lines} == {"persona", "control"}
+    assert results["metrics"]["projection"]["mean"][0] == pytest.approx(1.0)  # 1.0 at turn 0 by construction
+    for name in ("report.md", "adherence.png", "margin.png", "projection.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
 

@@ -1,0 +1,69 @@
+"""The drift metrics themselves, on a scripted answerer whose answers we control (no model)."""
+
+import math
+
+import pytest
+import torch
+
+from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.drift import run_protocol, summarize
+from persona_lit.mechanisms.none import NoMechanism
+from persona_lit.personas import persona_from_dict
+
+PERSONA = persona_from_dict({
+    "name": "Cato", "system_prompt": "You are Cato.",
+    "probes": [{"question": "What is your name?", "kind": "name", "check": {"contains_any": ["cato"]},
+                "persona_answer": "I am Cato.", "assistant_answer": "I am an assistant."}]}, "<test>")
+TURNS = ["q"] * 8
+PROBE_TURNS = [0, 1, 2, 4, 8]
+
+
+class ScriptedRunner(ConversationRunner):
+    """Answers in persona while `in_persona(turn)`; the turn is the number of user turns so far."""
+
+    def __init__(self, in_persona):
+        super().__init__(model=None, chat=None, mechanism=NoMechanism())
+        self.in_persona = in_persona
+
+    def start(self, persona):
+        return Conversation(persona.system_prompt if persona else None)
+
+    def say(self, conv, user_text, max_new_tokens=None):
+        turn = len(conv.ids)
+        conv.ids.append(0)
+        persona_on = conv.system_prompt is not None and self.in_persona(turn)
+        return "I am Cato." if persona_on and user_text.startswith("What is your name") else "I am an assistant."
+
+    def score(self, conv, question, answer):
+        on = conv.system_prompt is not None and self.in_persona(len(conv.ids))
+        logp = {"I am Cato.": -1.0 if on else -3.0, "I am an assistant.": -2.0}[answer or "I am an assistant."]
+        state = torch.tensor([[1.0, 0.0]]) if on else torch.tensor([[0.0, 0.0]])
+        return logp, state + torch.tensor([[0.0, 5.0]])  # a shared offset the centring must remove
+
+
+@pytest.mark.parametrize("policy,expected", [
+    (lambda t: True, [1, 1, 1, 1, 1]),
+    (lambda t: False, [0, 0, 0, 0, 0]),
+    (lambda t: t < 4, [1, 1, 1, 0, 0]),  # in persona until turn 4: a step at 4
+])
+def test_scripted_answerer_gives_the_adherence_it_was_scripted_to(policy, expected):
+    result = run_protocol(ScriptedRunner(policy), PERSONA, [TURNS, TURNS, TURNS], PROBE_TURNS, progress=False)
+    metrics = summarize(result, PROBE_TURNS, layer=0)["metrics"]
+    assert metrics["adherence/name"]["mean"] == expected
+    assert metrics["adherence/name_control"]["mean"] == [0] * 5  # the control arm never had the persona
+    assert metrics["adherence/name"]["n"] == [3] * 5
+    margin = metrics["likelihood_margin"]["mean"]
+    assert margin == [1.0 if e else -1.0 for e in expected]  # log p persona answer - log p default answer
+    if expected[0]:
+        projection = metrics["projection"]["mean"]
+        assert projection == pytest.approx([float(e) for e in expected])  # 1 = as at turn 0, 0 = no persona
+
+
+def test_intervals_shrink_with_more_conversations_and_cover_the_mean():
+    from persona_lit.metrics import t_interval, wilson_interval
+
+    mean, lo, hi = t_interval([0.2, 0.4, 0.6])
+    assert lo < mean < hi and mean == pytest.approx(0.4)
+    assert t_interval([0.5])[1:] == (0.5, 0.5) and math.isnan(t_interval([])[0])
+    narrow, wide = wilson_interval(50, 100), wilson_interval(5, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
