@@ -18,7 +18,7 @@ from persona_lit.drift import run_protocol, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule
 from persona_lit.errors import UserError
 from persona_lit.loggers import make_logger
-from persona_lit.report import write_report
+from persona_lit.report import compare_runs, write_report
 
 
 def _load(cfg: DictConfig):
@@ -38,6 +38,15 @@ def evaluate(cfg: DictConfig) -> Path:
     require_writable(out_dir, "out_dir")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"out_dir={out_dir}: exists and is not empty (choose another out_dir)")
+    if cfg.compare:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            written = compare_runs([Path(d) for d in cfg.compare], out_dir)
+        except UserError:
+            out_dir.rmdir()
+            raise
+        print(f"persona_lit: comparison written to {out_dir} ({', '.join(written)})")
+        return out_dir
     probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
     turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
                               list(cfg.exclude_categories))

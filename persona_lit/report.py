@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from persona_lit.conversation import TurnRecord  # noqa: E402
+from persona_lit.errors import UserError  # noqa: E402
 
 
 def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:
@@ -78,3 +79,44 @@ def write_report(out_dir: Path, results: dict[str, Any], persona_arm: list[list[
     write_transcripts(out_dir / "transcript.jsonl", {"persona": persona_arm, "control": control_arm})
     plots = plot_metrics(out_dir, results["metrics"], f"{results['run']['mechanism']} / {results['run']['persona']}")
     (out_dir / "report.md").write_text(markdown_report(results, plots))
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
+    """Overlays the curves of several evaluations (their results.json) into one plot per metric family
+    and one markdown table: for users without W&B."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise UserError(f"compare: {path} not found (give evaluate.py output directories)")
+        try:
+            runs.append((Path(d), json.loads(path.read_text())))
+        except json.JSONDecodeError as e:
+            raise UserError(f"compare: {path}:{e.lineno}: not valid JSON") from None
+    written = []
+    lines = ["# persona_lit comparison", "", "| run | mechanism | model | persona | metric | mean by turn |",
+             "|---|---|---|---|---|---|"]
+    for stem, (prefix, ylabel) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        drawn = False
+        for d, res in runs:
+            for name, m in res["metrics"].items():
+                if not name.startswith(prefix):
+                    continue
+                label = f"{res['run']['mechanism']}:{d.name} {name}"
+                ax.plot(m["turn"], m["mean"], "--" if name.endswith("_control") else "-", marker="o", label=label)
+                ax.fill_between(m["turn"], m["ci_low"], m["ci_high"], alpha=0.1)
+                drawn = True
+                lines.append(f"| {d.name} | {res['run']['mechanism']} | {res['run']['model']} | {res['run']['persona']} "
+                             f"| {name} | " + ", ".join(f"{t}: {v:.2f}" for t, v in zip(m["turn"], m["mean"])) + " |")
+        if drawn:
+            ax.set_xlabel("turn")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out_dir / f"compare_{stem}.png", dpi=120)
+            written.append(f"compare_{stem}.png")
+        plt.close(fig)
+    (out_dir / "compare.md").write_text("\n".join(lines + [""] + [f"![{w}]({w})" for w in written]) + "\n")
+    return written + ["compare.md"]

@@ -67,3 +67,23 @@ def test_intervals_shrink_with_more_conversations_and_cover_the_mean():
     assert t_interval([0.5])[1:] == (0.5, 0.5) and math.isnan(t_interval([])[0])
     narrow, wide = wilson_interval(50, 100), wilson_interval(5, 10)
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_compare_overlays_earlier_evaluations(tmp_path):
+    import json
+
+    from persona_lit.report import compare_runs, write_report
+
+    for name, policy in (("always", lambda t: True), ("until4", lambda t: t < 4)):
+        result = run_protocol(ScriptedRunner(policy), PERSONA, [TURNS, TURNS], PROBE_TURNS, progress=False)
+        res = {"run": {"mechanism": name, "model": "scripted", "persona": "Cato", "ckpt": None, "conversations": 2,
+                       "turns": 8, "do_sample": False, "probe_turns": PROBE_TURNS},
+               **summarize(result, PROBE_TURNS, layer=0)}
+        (tmp_path / name).mkdir()
+        write_report(tmp_path / name, res, result.persona_arm, result.control_arm)
+        assert json.loads((tmp_path / name / "results.json").read_text())["metrics"]["adherence/name"]
+    (tmp_path / "cmp").mkdir()
+    written = compare_runs([tmp_path / "always", tmp_path / "until4"], tmp_path / "cmp")
+    assert "compare_adherence.png" in written
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| until4 | until4 | scripted | Cato | adherence/name | 0: 1.00, 1: 1.00, 2: 1.00, 4: 0.00, 8: 0.00 |" in table
