@@ -49,3 +49,38 @@ class ExportCheckpoint(L.Callback):
                                pl_module.fingerprint)
         pl_module.mechanism.export(self.dirpath / "peft_adapter")
         print(f"persona_lit: checkpoint written to {path}")
+
+
+class DriftCallback(L.Callback):
+    """Every `every_n_val_epochs` validation epochs, a short drift protocol (persona arm only, a few
+    MT-bench turns) on the model being trained; logs `drift/<metric>/turn_<t>` at the current step."""
+
+    def __init__(self, chat, persona, every_n_val_epochs: int = 1, turns: int = 4, probe_turns=(0, 4),
+                 max_new_tokens: int = 32, seed: int = 0, mt_bench_path: str | None = None):
+        self.chat, self.persona, self.every = chat, persona, every_n_val_epochs
+        self.turns, self.probe_turns, self.max_new_tokens = turns, [t for t in probe_turns if t <= turns], max_new_tokens
+        self.seed, self.mt_bench_path, self._epochs = seed, mt_bench_path, 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.every:
+            return
+        self._epochs += 1
+        if self._epochs % self.every or not trainer.is_global_zero:
+            return
+        from persona_lit.conversation import ConversationRunner
+        from persona_lit.data import read_mt_bench, turn_stream
+        from persona_lit.drift import run_protocol, summarize
+
+        stream = turn_stream(read_mt_bench(self.mt_bench_path), self.turns, self.seed, ["roleplay"])
+        runner = ConversationRunner(pl_module.model, self.chat, pl_module.mechanism, self.max_new_tokens,
+                                    self.max_new_tokens)
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        try:
+            result = run_protocol(runner, self.persona, [stream], self.probe_turns, control=False, progress=False)
+        finally:
+            pl_module.model.train(was_training)
+        values = {f"drift/{name}/turn_{t}": v for name, m in summarize(result, self.probe_turns)["metrics"].items()
+                  for t, v in zip(m["turn"], m["mean"])}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, resolve_persona, run_config
-from persona_lit.callbacks import ExportCheckpoint, ThroughputMonitor
+from persona_lit.callbacks import DriftCallback, ExportCheckpoint, ThroughputMonitor
 from persona_lit.errors import UserError
 from persona_lit.loggers import make_logger
 from persona_lit.module import PersonaLitModule
@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> Path:
                             every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
             ThroughputMonitor(),
             ExportCheckpoint(str(ckpt_dir)),
+            *([DriftCallback(backbone.chat, persona, **plain(cfg.drift))] if cfg.drift.every_n_val_epochs else []),
             *(instantiate(c) for c in (cfg.callbacks or {}).values()),
         ]
         logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},

@@ -81,3 +81,13 @@ def test_restored_checkpoint_reproduces_the_trained_module(backbone_factory, tmp
         got = restored(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(got, expected)
     assert restored_persona.name == "Lyra" and len(restored_persona.probes) == len(persona.probes)
+
+
+def test_drift_callback_logs_curves_during_training(tmp_path):
+    run = run_cli("train.py", *COMMON, "trainer.max_steps=9", "logger=csv", "drift.every_n_val_epochs=1",
+                  "drift.turns=2", "drift.probe_turns=[0,2]", "drift.max_new_tokens=4", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    header, *rows = (tmp_path / "csv/metrics.csv").read_text().splitlines()
+    assert "drift/adherence/name/turn_2" in header and "drift/likelihood_margin/turn_0" in header
+    column = header.split(",").index("drift/adherence/name/turn_0")
+    assert any(r.split(",")[column] for r in rows)  # logged at least once (one validation epoch)
