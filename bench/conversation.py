@@ -1,0 +1,78 @@
+"""The conversation runner (KV cache reused across turns) against the naive loop that re-encodes the
+whole history every turn, same model, same turns, same run.
+
+Prints time per turn at turn N over time per turn at turn 1 for both, and total naive time over total
+cached time (target: >= 5x at 40 turns; the cached per-turn cost should grow only with attention over
+the history). Every turn generates exactly `--new-tokens` tokens in both loops (equal work).
+
+    .venv/bin/python bench/conversation.py [--model smollm2-135m-instruct] [--turns 40] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from persona_lit.backbones import load_backbone
+from persona_lit.conversation import ConversationRunner
+from persona_lit.data import read_mt_bench, turn_stream
+from persona_lit.mechanisms.none import NoMechanism
+from persona_lit.personas import load_persona
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def cached_loop(runner: ConversationRunner, persona, turns, new_tokens: int) -> list[float]:
+    conv, times = runner.start(persona), []
+    for turn in turns:
+        start = time.perf_counter()
+        runner.say(conv, turn.text, max_new_tokens=new_tokens)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def naive_loop(model, chat, persona, turns, new_tokens: int) -> list[float]:
+    """Re-encodes persona + all earlier turns for every new turn (the cache lives within a turn only)."""
+    ids, times = chat.persona_ids(persona.system_prompt), []
+    open_turn = chat.opens_user_turn(persona.system_prompt)
+    for turn in turns:
+        start = time.perf_counter()
+        ids = ids + chat.user_turn_ids(turn.text, open_turn)
+        open_turn = False
+        prompt = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=chat.pad_id)
+        ids = ids + out[0, prompt.shape[1]:].tolist() + chat.close_assistant()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--turns", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    bb = load_backbone(OmegaConf.load(CONF / "model" / f"{args.model}.yaml"))
+    runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=args.new_tokens)
+    runner.sampling["min_new_tokens"] = args.new_tokens  # equal work per turn in both loops
+    persona = load_persona("pirate_mentor")
+    turns = turn_stream(read_mt_bench(), args.turns, seed=0, exclude_categories=["roleplay"])
+    cached_loop(runner, persona, turns[:2], args.new_tokens)  # warm-up
+    cached = cached_loop(runner, persona, turns, args.new_tokens)
+    naive = naive_loop(bb.model, bb.chat, persona, turns, args.new_tokens)
+    n = args.turns
+    print(f"model {args.model}, {n} turns, {args.new_tokens} new tokens per turn")
+    print(f"{'loop':7} {'turn 1 s':>9} {'turn ' + str(n) + ' s':>10} {'ratio':>6} {'total s':>8}")
+    for name, t in (("cached", cached), ("naive", naive)):
+        print(f"{name:7} {t[0]:9.2f} {t[-1]:10.2f} {t[-1] / t[0]:6.2f} {sum(t):8.1f}")
+    print(f"ratio naive/cached total time at {n} turns: {sum(naive) / sum(cached):.2f} (target >= 5)")
+
+
+if __name__ == "__main__":
+    main()
