@@ -21,7 +21,7 @@ def test_smollm2_train_then_evaluate_from_the_checkpoint_alone(tmp_path):
     assert ckpt.stat().st_size < 20e6  # adapter only: a few MB, not the 540 MB base
     metrics = (tmp_path / "train/csv/metrics.csv").read_text()
     assert "train/loss" in metrics and "train/tokens_per_s" in metrics and "train/peak_mem_mb" in metrics
-    ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "probe_turns=[0,2]", "max_new_tokens=12",
+    ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "probe_turns=[0,2]", "probe_kinds=[name]", "max_new_tokens=12",
                  "probe_max_new_tokens=12", "logger=csv", f"out_dir={tmp_path}/eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
     results = json.loads((tmp_path / "eval/results.json").read_text())
