@@ -9,8 +9,10 @@ from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.lora import LoraMechanism
 from persona_lit.mechanisms.lyra import LyraMechanism
 from persona_lit.mechanisms.none import NoMechanism
+from persona_lit.mechanisms.triplet import TripletMechanism
 
-REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism, "lyra": LyraMechanism}
+REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism, "lyra": LyraMechanism,
+                                        "triplet": TripletMechanism}
 
 
 def build_mechanism(name: str, **options: Any) -> Mechanism:
