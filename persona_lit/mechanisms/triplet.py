@@ -191,21 +191,21 @@ class TripletMechanism(Mechanism):
     # per-call context -----------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
         self.ctx = None
-        if self._disabled or self.linkage == 0.0:
+        if self._disabled or self.linkage == 0.0:  # the base model: nothing read, nothing written
             return args, kwargs
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
         batch, q, device = ref.shape[0], ref.shape[1], ref.device
         mask2d = kwargs.get("attention_mask")
         valid = mask2d[:, -q:].bool() if mask2d is not None else torch.ones(batch, q, dtype=torch.bool, device=device)
-        stateful = not module.training
+        stateful = not module.training  # eval: the memory is conversation state; train: teacher forcing
         cache = kwargs.get("past_key_values")
         if not stateful or self.memory is None or cache is None or cache.get_seq_length() == 0:
             mem = Memory.empty(batch, device)  # training, or a new sequence: nothing written before
         else:
             mem = self.memory
             if mem.count.shape[0] != batch:
-                raise UserError(f"triplet: the memory holds {mem.count.shape[0]} rows, this call has {batch} "
+                raise ValueError(f"triplet: the memory holds {mem.count.shape[0]} rows, this call has {batch} "
                                 f"(call mechanism.begin_conversation() before a new batch)")
         idx_q = mem.count[:, None] + valid.long().cumsum(1) - 1  # pads repeat their row's last index
         keys_valid, keys_idx = torch.cat([mem.valid, valid], 1), torch.cat([mem.idx, idx_q], 1)
