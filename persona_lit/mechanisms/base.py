@@ -30,6 +30,16 @@ class Mechanism:
         """Inside this context the model behaves exactly as the base model."""
         return contextlib.nullcontext()
 
+    _disabled = False  # read by the forward hooks of mechanisms that switch off with switched_off()
+
+    @contextlib.contextmanager
+    def switched_off(self):
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+
     def begin_conversation(self, persona: Persona | None) -> None:
         """Called before the first turn of a conversation (e.g. build a persona cache)."""
 

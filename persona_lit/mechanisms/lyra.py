@@ -14,7 +14,6 @@ in training, the collator's `segment_ids`) once per call and works out each new 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +152,6 @@ class LyraMechanism(Mechanism):
         self.part: str | None = None  # "persona", then "turn"; None outside a conversation
         self.persona_ids: list[torch.Tensor] = []
         self.ctx: _Context | None = None
-        self._disabled = False
 
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
@@ -211,15 +209,7 @@ class LyraMechanism(Mechanism):
         return sum(s.tokens() for s in self.segments.values())
 
     def disabled(self) -> ContextManager:
-        @contextlib.contextmanager
-        def off():
-            self._disabled = True
-            try:
-                yield
-            finally:
-                self._disabled = False
-
-        return off()
+        return self.switched_off()
 
     # per-call context ---------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):

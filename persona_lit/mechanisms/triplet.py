@@ -26,7 +26,6 @@ while a conversation runs, so the stored keys/values are exactly what re-project
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 from dataclasses import dataclass, field
@@ -145,7 +144,6 @@ class TripletMechanism(Mechanism):
         self.linkage, self.gain, self.memory_tokens = float(linkage), float(gain), int(memory_tokens)
         self.memory: Memory | None = None
         self.ctx: _Context | None = None
-        self._disabled = False
 
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
@@ -178,15 +176,7 @@ class TripletMechanism(Mechanism):
         return 0 if self.memory is None else self.memory.valid.shape[1]
 
     def disabled(self) -> ContextManager:
-        @contextlib.contextmanager
-        def off():
-            self._disabled = True
-            try:
-                yield
-            finally:
-                self._disabled = False
-
-        return off()
+        return self.switched_off()
 
     # per-call context -----------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
