@@ -4,8 +4,11 @@ whole history every turn, same model, same turns, same run.
 Prints time per turn at turn N over time per turn at turn 1 for both, and total naive time over total
 cached time (target: >= 5x at 40 turns; the cached per-turn cost should grow only with attention over
 the history). Every turn generates exactly `--new-tokens` tokens in both loops (equal work).
+With --batch B > 1 it also runs B conversations as one padded batch against the same B one at a time
+(`--batch-turns` turns each) and prints that ratio.
 
     .venv/bin/python bench/conversation.py [--model smollm2-135m-instruct] [--turns 40] [--new-tokens 32]
+        [--batch 4] [--batch-turns 8]
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from persona_lit.personas import load_persona
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def cached_loop(runner: ConversationRunner, persona, turns, new_tokens: int) -> list[float]:
-    conv, times = runner.start(persona), []
-    for turn in turns:
+def cached_loop(runner: ConversationRunner, persona, streams) -> list[float]:
+    """All streams as one batch; seconds per turn."""
+    conv, times = runner.start(persona, rows=len(streams)), []
+    for turns in zip(*streams):
         start = time.perf_counter()
-        runner.say(conv, turn.text, max_new_tokens=new_tokens)
+        runner.say(conv, [t.text for t in turns])
         times.append(time.perf_counter() - start)
     return times
 
@@ -57,14 +61,24 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--turns", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch-turns", type=int, default=8)
     args = parser.parse_args()
     bb = load_backbone(OmegaConf.load(CONF / "model" / f"{args.model}.yaml"))
-    runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=args.new_tokens)
-    runner.sampling["min_new_tokens"] = args.new_tokens  # equal work per turn in both loops
+    runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens)  # equal work per turn in both loops
     persona = load_persona("pirate_mentor")
-    turns = turn_stream(read_mt_bench(), args.turns, seed=0, exclude_categories=["roleplay"])
-    cached_loop(runner, persona, turns[:2], args.new_tokens)  # warm-up
-    cached = cached_loop(runner, persona, turns, args.new_tokens)
+    questions = read_mt_bench()
+    turns = turn_stream(questions, args.turns, seed=0, exclude_categories=["roleplay"])
+    cached_loop(runner, persona, [turns[:2]])  # warm-up
+    if args.batch > 1:
+        streams = [turn_stream(questions, args.batch_turns, seed=k, exclude_categories=["roleplay"])
+                   for k in range(args.batch)]
+        batched = sum(cached_loop(runner, persona, streams))
+        alone = sum(sum(cached_loop(runner, persona, [s])) for s in streams)
+        print(f"{args.batch} conversations x {args.batch_turns} turns: one at a time {alone:.1f} s, as one batch "
+              f"{batched:.1f} s, ratio {alone / batched:.2f}")
+    cached = cached_loop(runner, persona, [turns])
     naive = naive_loop(bb.model, bb.chat, persona, turns, args.new_tokens)
     n = args.turns
     print(f"model {args.model}, {n} turns, {args.new_tokens} new tokens per turn")

@@ -32,7 +32,7 @@ ANSWER = ("Here is a careful answer. First, consider the main idea and why it ma
 
 def decode_rate(runner: ConversationRunner, conv, question: str, new_tokens: int) -> float:
     """Tokens/s of generating exactly `new_tokens` after `question`, on a fork of `conv`."""
-    fork, state = conv.fork(), runner.mechanism.snapshot()
+    fork, state = conv.select(torch.tensor([0])), runner.mechanism.snapshot()
     runner.mechanism.begin_turn()
     turn = runner.chat.user_turn_ids(question, fork.open_turn)
     runner.extend(fork, turn[:-1])  # prefill the question first: the timing below is decoding only

@@ -1,8 +1,13 @@
-"""Multi-turn conversation runner: the KV cache is reused across turns, probes run on a fork of it.
+"""Multi-turn conversations, several at once: the KV cache is reused across turns, probes run on forks.
 
 History is never re-encoded: each turn feeds only its new tokens (the user turn and the assistant
-header) on top of the cache, then generates. A probe copies the cache, asks its question, and the
-copy is dropped, so the probe and its answer never enter the main history.
+header) on top of the cache, then decodes. Several conversations are one padded batch: a row's slots
+are tokens or padding, `mask` says which are real, and positions count real tokens only, so a row is
+the same conversation it would be alone. (Exception: a sliding-window layer in transformers counts the
+padded slots inside its window, so on Gemma-3 a batched row sees a few fewer old tokens there.)
+
+Decoding is our own short loop rather than `model.generate`: a row that has finished feeds padding
+that is *masked*, so no mechanism ever stores tokens produced after a row's end of answer.
 """
 
 from __future__ import annotations
@@ -17,16 +22,7 @@ from tqdm.auto import tqdm
 from persona_lit.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.personas import Persona, Probe
-
-
-@dataclass
-class ProbeResult:
-    turn: int
-    question: str
-    kind: str
-    answer: str
-    passed: bool
-    margin: float | None = None  # mean log p per token: persona answer minus default-assistant answer
+from persona_lit.probing import Probing, ProbeResult
 
 
 @dataclass
@@ -38,30 +34,67 @@ class TurnRecord:
     history_tokens: int
     probes: list[ProbeResult] = field(default_factory=list)
     reply_state: torch.Tensor | None = None  # (layers, hidden) at the start of the reply, mean over probes
+    capability: dict[str, float] | None = None  # kl_to_base, nll on reference answers (see probing.py)
+    judge: dict[str, float] | None = None  # persona, coherence 0-100 from an optional LLM judge (judge.py)
 
 
 class Conversation:
-    """One conversation's token history and the model's cache of it."""
+    """`rows` conversations sharing one system prompt, as token slots [rows, S] and a real-token mask."""
 
-    def __init__(self, system_prompt: str | None):
+    def __init__(self, system_prompt: str | None, rows: int = 1):
         self.system_prompt = system_prompt
-        self.ids: list[int] = []
-        self.cache: Any = None  # a transformers Cache covering all of self.ids between turns
+        self.tokens = torch.zeros(rows, 0, dtype=torch.long)
+        self.mask = torch.zeros(rows, 0, dtype=torch.bool)
+        self.cache: Any = None  # a transformers Cache covering the first cached_len slots
         self.open_turn = False  # Gemma: the persona left the first user turn open
 
-    def fork(self) -> "Conversation":
-        other = Conversation(self.system_prompt)
-        other.ids, other.cache, other.open_turn = list(self.ids), copy.deepcopy(self.cache), self.open_turn
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def row_ids(self, row: int) -> list[int]:
+        return self.tokens[row][self.mask[row]].tolist()
+
+    @property
+    def ids(self) -> list[int]:
+        """The real tokens of the first (often only) conversation."""
+        return self.row_ids(0)
+
+    def append(self, rows: Sequence[Sequence[int]], pad_id: int, pad_left: bool = True) -> None:
+        """New tokens per row, padded to one width: on the left by default, so every row ends with real
+        tokens (the model continues all rows from their last column)."""
+        width = max(len(r) for r in rows)
+        tokens = torch.full((self.rows, width), pad_id, dtype=torch.long)
+        mask = torch.zeros(self.rows, width, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            cols = slice(width - len(r), width) if pad_left else slice(0, len(r))
+            tokens[b, cols], mask[b, cols] = torch.tensor(r, dtype=torch.long), True
+        self.tokens, self.mask = torch.cat([self.tokens, tokens], 1), torch.cat([self.mask, mask], 1)
+
+    def select(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "Conversation":
+        """Rows `index` (repeats allowed) as a new conversation with its own copy of the cache."""
+        other = Conversation(self.system_prompt, 0)
+        other.tokens, other.mask, other.open_turn = self.tokens[index], self.mask[index], self.open_turn
+        if self.cache is not None:
+            other.cache = copy.deepcopy(self.cache)
+            other.cache.batch_select_indices(index.to(device))
+            for layer in getattr(other.cache, "layers", []):  # transformers skips empty layers, but Lyra's
+                keys = getattr(layer, "keys", None)          # chosen layers hold zero-width entries there
+                if keys is not None and keys.numel() == 0 and keys.shape[0] != len(index):
+                    layer.keys, layer.values = keys[index.to(device)], layer.values[index.to(device)]
         return other
 
 
-class ConversationRunner:
+class ConversationRunner(Probing):
     def __init__(self, model: torch.nn.Module, chat: ChatTokenizer, mechanism: Mechanism | None = None,
                  max_new_tokens: int = 64, probe_max_new_tokens: int = 48, do_sample: bool = False,
-                 temperature: float = 0.7, top_p: float = 0.95):
+                 temperature: float = 0.7, top_p: float = 0.95, probe_batch: int = 8, min_new_tokens: int = 0):
         self.model, self.chat, self.mechanism = model, chat, mechanism
         self.max_new_tokens, self.probe_max_new_tokens = max_new_tokens, probe_max_new_tokens
-        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
+        self.min_new_tokens = min_new_tokens  # benchmarks: equal work per turn (the end token is held back)
+        self.probe_batch = max(1, int(probe_batch))  # rows per forked forward (bounds the copied caches)
+        self.references: dict[str, torch.Tensor] = {}  # capability: base-model log-probs per exchange
 
     @property
     def device(self) -> torch.device:
@@ -71,106 +104,120 @@ class ConversationRunner:
         return 0 if conv.cache is None else conv.cache.get_seq_length()
 
     @torch.no_grad()
-    def extend(self, conv: Conversation, ids: list[int]) -> None:
-        """Adds `ids` to the history and runs every not-yet-cached token through the model once."""
-        conv.ids += ids
-        todo = conv.ids[self._cached(conv):]
-        if not todo:
-            return
-        out = self.model(input_ids=torch.tensor([todo], device=self.device),
-                         attention_mask=torch.ones(1, len(conv.ids), dtype=torch.long, device=self.device),
-                         past_key_values=conv.cache, use_cache=True)
+    def forward_new(self, conv: Conversation, **kwargs) -> Any:
+        """Runs every not-yet-cached slot through the model once; returns the model output (or None)."""
+        start = self._cached(conv)
+        if start == conv.tokens.shape[1]:
+            return None
+        mask = conv.mask.to(self.device)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]
+        out = self.model(input_ids=conv.tokens[:, start:].to(self.device), attention_mask=mask.long(),
+                         position_ids=positions, past_key_values=conv.cache, use_cache=True, **kwargs)
         conv.cache = out.past_key_values
+        return out
 
-    def start(self, persona: Persona | None) -> Conversation:
-        """A new conversation holding the persona segment (run through the model once)."""
+    def extend(self, conv: Conversation, ids: Sequence[int] | Sequence[Sequence[int]]) -> None:
+        """Adds `ids` (the same for every row, or one list per row) to the history and caches them."""
+        rows = ids if ids and isinstance(ids[0], (list, tuple)) else [list(ids)] * conv.rows
+        conv.append(rows, self.chat.pad_id)
+        self.forward_new(conv, logits_to_keep=1)
+
+    def start(self, persona: Persona | None, rows: int = 1) -> Conversation:
+        """`rows` new conversations holding the persona segment (run through the model once)."""
         system = persona.system_prompt if persona else None
         if self.mechanism is not None:
             self.mechanism.begin_conversation(persona)
-        conv = Conversation(system)
+        conv = Conversation(system, rows)
         conv.open_turn = self.chat.opens_user_turn(system)
         self.extend(conv, self.chat.persona_ids(system))
         return conv
 
     @torch.no_grad()
-    def say(self, conv: Conversation, user_text: str, max_new_tokens: int | None = None) -> str:
-        """Appends one user turn and the model's answer to `conv`; returns the answer text."""
-        if not conv.ids:
+    def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Appends one user turn per row (one text for all, or one each) and the model's answers."""
+        if conv.tokens.shape[1] == 0:
             self.extend(conv, self.chat.persona_ids(conv.system_prompt))
             conv.open_turn = self.chat.opens_user_turn(conv.system_prompt)
         if self.mechanism is not None:
             self.mechanism.begin_turn()
-        conv.ids += self.chat.user_turn_ids(user_text, conv.open_turn)
+        texts = [user_text] * conv.rows if isinstance(user_text, str) else list(user_text)
+        conv.append([self.chat.user_turn_ids(t, conv.open_turn) for t in texts], self.chat.pad_id)
         conv.open_turn = False
-        input_ids = torch.tensor([conv.ids], device=self.device)
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=conv.cache,
-            max_new_tokens=max_new_tokens or self.max_new_tokens, eos_token_id=[self.chat.end_id],
-            pad_token_id=self.chat.pad_id, return_dict_in_generate=True, **self.sampling,
-        )
-        new = out.sequences[0, input_ids.shape[1] :].tolist()
-        if new and new[-1] == self.chat.end_id:
-            new = new[:-1]
-        conv.cache = out.past_key_values
-        conv.ids += new
-        # Close the answer and cache it now, so the next turn starts from a fully cached history.
+        answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
+        # Close the answers and cache them now, so the next turn starts from a fully cached history.
         self.extend(conv, self.chat.close_assistant())
-        return self.chat.decode(new)
+        return [self.chat.decode(a) for a in answers]
 
-    @torch.no_grad()
-    def score(self, conv: Conversation, question: str, answer: str) -> tuple[float, torch.Tensor]:
-        """(mean log p per token of `answer` after `question`, hidden states (layers, hidden) at the start
-        of the reply), by one forward on a fork: nothing is generated and nothing enters the history."""
-        fork = conv.fork()
-        if self.mechanism is not None:
-            self.mechanism.begin_turn()
-        prompt = self.chat.user_turn_ids(question, fork.open_turn)
-        target = self.chat._ids(answer) + [self.chat.end_id]
-        ids = prompt + target
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=fork.cache,
-                         attention_mask=torch.ones(1, len(fork.ids) + len(ids), dtype=torch.long, device=self.device),
-                         use_cache=True, output_hidden_states=True)
-        logp = torch.log_softmax(out.logits[0, len(prompt) - 1 : -1].float(), -1)
-        mean_logp = float(logp.gather(1, torch.tensor(target, device=self.device)[:, None]).mean())
-        start = len(prompt) - 1
-        return mean_logp, torch.stack([h[0, start].float().cpu() for h in out.hidden_states[1:]])
+    def _decode(self, conv: Conversation, max_new_tokens: int) -> list[list[int]]:
+        """Greedy or sampled decoding of every row; a row's end token and what follows are masked slots
+        (close_assistant() writes the end token again). The last token is left uncached, as generate does."""
+        done = torch.zeros(conv.rows, dtype=torch.bool)
+        answers: list[list[int]] = [[] for _ in range(conv.rows)]
+        for step in range(max_new_tokens):
+            logits = self.forward_new(conv, logits_to_keep=1).logits[:, -1].float().cpu()
+            if step < self.min_new_tokens:
+                logits[:, self.chat.end_id] = -torch.inf
+            token = torch.where(done, torch.full_like(done, self.chat.pad_id, dtype=torch.long), self._pick(logits))
+            real = ~done & (token != self.chat.end_id)
+            done |= token == self.chat.end_id
+            conv.tokens = torch.cat([conv.tokens, token[:, None]], 1)
+            conv.mask = torch.cat([conv.mask, real[:, None]], 1)
+            for b in real.nonzero().flatten().tolist():
+                answers[b].append(int(token[b]))
+            if bool(done.all()):
+                break
+        return answers
 
-    def _on_fork(self, fn, *args):
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature, -1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # nucleus: keep the smallest set reaching top_p
+        sorted_p[drop] = 0
+        return order.gather(1, torch.multinomial(sorted_p, 1)).squeeze(1)
+
+    def on_fork(self, conv: Conversation, index: Sequence[int], fn, *args):
+        """fn(fork, *args) on rows `index` of conv; the conversation and the mechanism's state are untouched."""
+        index_t = torch.tensor(list(index), dtype=torch.long)
         state = self.mechanism.snapshot() if self.mechanism is not None else None
         try:
-            return fn(*args)
+            if self.mechanism is not None:
+                self.mechanism.select_rows(index_t.to(self.device))
+            return fn(conv.select(index_t, self.device), *args)
         finally:
             if self.mechanism is not None:
                 self.mechanism.restore(state)  # the probe's turn never reaches the main conversation
 
-    def probe(self, conv: Conversation, probes: Sequence[Probe], turn: int) -> tuple[list[ProbeResult], torch.Tensor | None]:
-        results, states = [], []
-        for p in probes:
-            answer = self._on_fork(self.say, conv.fork(), p.question, self.probe_max_new_tokens)
-            logp_persona, state = self._on_fork(self.score, conv, p.question, p.persona_answer)
-            margin = None
-            if p.persona_answer and p.assistant_answer:
-                margin = logp_persona - self._on_fork(self.score, conv, p.question, p.assistant_answer)[0]
-            states.append(state)
-            results.append(ProbeResult(turn, p.question, p.kind, answer, bool(p.check(answer)), margin))
-        return results, torch.stack(states).mean(0) if states else None
-
-    def run(self, persona: Persona | None, user_turns: Iterable[Any], probe_turns: Sequence[int],
-            probes: Sequence[Probe] | None = None, progress: bool = True, desc: str = "conversation") -> list[TurnRecord]:
-        """Turn 0 is the persona alone (probes only); user turn k is turn k. `user_turns` yields objects
-        with `.text` and `.category` (MT-bench UserTurns) or plain strings. `probes` defaults to the
-        persona's; pass them with persona=None for the control arm."""
-        conv = self.start(persona)
+    def run(self, persona: Persona | None, streams: Sequence[Iterable[Any]], probe_turns: Sequence[int],
+            probes: Sequence[Probe] | None = None, progress: bool = True, desc: str = "conversations",
+            capability: Sequence[tuple[str, str]] = ()) -> list[list[TurnRecord]]:
+        """All `streams` (equally long) as one batch. Turn 0 is the persona alone (probes only); user turn k
+        is turn k. A stream yields objects with `.text` and `.category` (MT-bench UserTurns) or strings.
+        `probes` defaults to the persona's; pass them with persona=None for the control arm. `capability`:
+        (question, reference answer) pairs scored at probe turns against the base model (probing.py)."""
+        streams = [list(s) for s in streams]
+        conv = self.start(persona, rows=len(streams))
         probes = list(probes if probes is not None else (persona.probes if persona else []))
-        records = [TurnRecord(0, "", "", "", len(conv.ids))]
-        if 0 in probe_turns:
-            records[0].probes, records[0].reply_state = self.probe(conv, probes, 0)
-        turns = list(user_turns)
-        for t, turn in enumerate(tqdm(turns, desc=desc, unit="turn", disable=not progress), start=1):
-            text, category = (turn, "") if isinstance(turn, str) else (turn.text, turn.category)
-            answer = self.say(conv, text)
-            record = TurnRecord(t, text, answer, category, len(conv.ids))
-            if t in probe_turns:
-                record.probes, record.reply_state = self.probe(conv, probes, t)
-            records.append(record)
+        records = [[TurnRecord(0, "", "", "", len(conv.row_ids(b)))] for b in range(conv.rows)]
+
+        def measure(turn: int) -> None:
+            if turn not in probe_turns:
+                return
+            for b, (results, state) in enumerate(self.probe(conv, probes, turn)):
+                records[b][-1].probes, records[b][-1].reply_state = results, state
+            if capability:
+                for b, cost in enumerate(self.capability_cost(conv, capability)):
+                    records[b][-1].capability = cost
+
+        measure(0)
+        n_turns = min((len(s) for s in streams), default=0)
+        for t in tqdm(range(1, n_turns + 1), desc=desc, unit="turn", disable=not progress):
+            turns = [s[t - 1] for s in streams]
+            texts = [x if isinstance(x, str) else x.text for x in turns]
+            answers = self.say(conv, texts)
+            for b, (x, answer) in enumerate(zip(turns, answers)):
+                records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
+                                             len(conv.row_ids(b))))
+            measure(t)
         return records

@@ -3,6 +3,7 @@ every metric per turn with an interval across conversations. Used by evaluate.py
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,15 +21,23 @@ class ProtocolResult:
 
 
 def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence[Sequence[Any]],
-                 probe_turns: Sequence[int], control: bool = True, progress: bool = True) -> ProtocolResult:
+                 probe_turns: Sequence[int], control: bool = True, progress: bool = True,
+                 capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
+                 batch: int = 8) -> ProtocolResult:
+    """Conversations run `batch` at a time (one padded batch); `capability`: (question, reference answer)
+    pairs for the capability cost (probing.py), scored at every probe turn in both arms."""
+    if capability:
+        runner.prepare_references(capability, capability_tokens)
     persona_arm, control_arm = [], []
-    for k, stream in enumerate(streams):
-        persona_arm.append(runner.run(persona, stream, probe_turns, progress=progress,
-                                      desc=f"conversation {k + 1}/{len(streams)}"))
+    for k in range(0, len(streams), batch):
+        group = streams[k : k + batch]
+        where = f"{k + 1}-{k + len(group)}/{len(streams)}"
+        persona_arm += runner.run(persona, group, probe_turns, progress=progress, desc=f"conversations {where}",
+                                  capability=capability)
         if control:
             with runner.mechanism.disabled():
-                control_arm.append(runner.run(None, stream, probe_turns, probes=persona.probes, progress=progress,
-                                              desc=f"control {k + 1}/{len(streams)}"))
+                control_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
+                                          desc=f"control {where}", capability=capability)
     return ProtocolResult(persona_arm, control_arm)
 
 
@@ -44,14 +53,32 @@ def _adherence(arm: list[list[TurnRecord]], probe_turns: list[int], suffix: str)
     return {f"adherence/{k}{suffix}": m.compute() for k, m in metrics.items()}
 
 
-def _margin(arm: list[list[TurnRecord]], probe_turns: list[int], suffix: str) -> dict[str, Any]:
-    metric = PerTurnMean(probe_turns, max_conversations=max(1, len(arm)))
+def _per_turn(arm: list[list[TurnRecord]], probe_turns: list[int], name: str, value) -> dict[str, Any]:
+    """{name: mean and t-interval across conversations per turn} of value(record), where it is not None."""
+    metric, seen = PerTurnMean(probe_turns, max_conversations=max(1, len(arm))), False
     for c, records in enumerate(arm):
         for r in records:
-            margins = [p.margin for p in r.probes if p.margin is not None]
-            if margins:
-                metric.update(c, r.turn, sum(margins) / len(margins))
-    return {f"likelihood_margin{suffix}": metric.compute()} if any(metric.compute()["n"]) else {}
+            v = value(r)
+            if v is not None and r.turn in probe_turns:
+                metric.update(c, r.turn, v)
+                seen = True
+    return {name: metric.compute()} if seen else {}
+
+
+def _mean_margin(r: TurnRecord) -> float | None:
+    margins = [p.margin for p in r.probes if p.margin is not None]
+    return sum(margins) / len(margins) if margins else None
+
+
+def _record_metrics(arm: list[list[TurnRecord]], probe_turns: list[int], suffix: str) -> dict[str, Any]:
+    out = _per_turn(arm, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
+    out.update(_per_turn(arm, probe_turns, f"capability/kl_to_base{suffix}",
+                         lambda r: r.capability["kl_to_base"] if r.capability else None))
+    out.update(_per_turn(arm, probe_turns, f"capability/perplexity{suffix}",
+                         lambda r: math.exp(r.capability["nll"]) if r.capability else None))
+    for key in ("persona", "coherence"):
+        out.update(_per_turn(arm, probe_turns, f"judge/{key}{suffix}", lambda r: r.judge[key] if r.judge else None))
+    return out
 
 
 def _projection(result: ProtocolResult, probe_turns: list[int], layer: int) -> dict[str, Any]:
@@ -71,10 +98,10 @@ def _projection(result: ProtocolResult, probe_turns: list[int], layer: int) -> d
 
 def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None = None) -> dict[str, Any]:
     metrics = _adherence(result.persona_arm, probe_turns, "")
-    metrics.update(_margin(result.persona_arm, probe_turns, ""))
+    metrics.update(_record_metrics(result.persona_arm, probe_turns, ""))
     if result.control_arm:
         metrics.update(_adherence(result.control_arm, probe_turns, "_control"))
-        metrics.update(_margin(result.control_arm, probe_turns, "_control"))
+        metrics.update(_record_metrics(result.control_arm, probe_turns, "_control"))
         first = next((r.reply_state for r in result.persona_arm[0] if r.reply_state is not None), None)
         if first is not None:
             metrics.update(_projection(result, probe_turns, layer if layer is not None else first.shape[0] // 2))

@@ -15,8 +15,9 @@ from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, require_writable, resolve_persona, restore
 from persona_lit.conversation import ConversationRunner
 from persona_lit.drift import run_protocol, summarize
-from persona_lit.data.mt_bench import MTBenchDataModule
+from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges
 from persona_lit.errors import UserError
+from persona_lit.judge import Judge, check_judge, judge_arm
 from persona_lit.loggers import make_logger
 from persona_lit.report import compare_runs, write_report
 
@@ -51,6 +52,15 @@ def evaluate(cfg: DictConfig) -> Path:
     turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
                               list(cfg.exclude_categories))
     turns.setup("predict")  # bad data fails here, before the model loads
+    if cfg.judge.url and not cfg.judge.model:
+        raise UserError(f"judge.url={cfg.judge.url}: also set judge.model (the endpoint's model name)")
+    for key in ("capability_exchanges", "capability_tokens", "probe_batch", "conversation_batch"):
+        if int(cfg[key]) < (0 if key == "capability_exchanges" else 1):
+            raise UserError(f"{key}={cfg[key]}: must be >= {0 if key == 'capability_exchanges' else 1}")
+    judge = None
+    if cfg.judge.url:
+        judge = Judge(str(cfg.judge.url), str(cfg.judge.model), cfg.judge.api_key_env, float(cfg.judge.timeout_s))
+        check_judge(judge)
     backbone, model, mechanism, persona, config = _load(cfg)
     if cfg.probe_kinds:
         kept = tuple(p for p in persona.probes if p.kind in set(cfg.probe_kinds))
@@ -59,9 +69,17 @@ def evaluate(cfg: DictConfig) -> Path:
             raise UserError(f"probe_kinds={list(cfg.probe_kinds)}: persona {persona.name!r} has probes of kinds {kinds}")
         persona = dataclasses.replace(persona, probes=kept)
     torch.manual_seed(int(cfg.seed or 0))
+    asked = {t.question_id for stream in turns.streams for t in stream}
+    capability = neutral_exchanges(int(cfg.capability_exchanges), asked, cfg.mt_bench_path)
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
-                                int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature))
-    protocol = run_protocol(runner, persona, turns.streams, probe_turns, control=bool(cfg.control))
+                                int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature),
+                                probe_batch=int(cfg.probe_batch))
+    protocol = run_protocol(runner, persona, turns.streams, probe_turns, control=bool(cfg.control),
+                            capability=capability, capability_tokens=int(cfg.capability_tokens),
+                            batch=int(cfg.conversation_batch))
+    if judge is not None:
+        for arm in (protocol.persona_arm, protocol.control_arm):
+            judge_arm(judge, persona.system_prompt, arm)
     results = {
         "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name, "persona": persona.name,
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,

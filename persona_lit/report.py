@@ -26,7 +26,10 @@ def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> No
 
 
 PLOTS = {"adherence": ("adherence/", "probe adherence"), "margin": ("likelihood_margin", "log p persona - log p default"),
-         "projection": ("projection", "projection (1 = turn 0, 0 = no persona)")}
+         "projection": ("projection", "projection (1 = turn 0, 0 = no persona)"),
+         "kl_to_base": ("capability/kl_to_base", "KL(model || base, no persona), nats/token"),
+         "perplexity": ("capability/perplexity", "perplexity of reference answers"),
+         "judge": ("judge/", "LLM judge score (0-100)")}
 
 
 def plot_metrics(out_dir: Path, metrics: dict[str, dict[str, Any]], title: str) -> list[str]:
@@ -68,7 +71,9 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
                          f"| {int(m['n'][i])} |")
         lines.append("")
     lines += ["Turn 0 is the persona alone: drift is relative to it. Adherence intervals are Wilson intervals over "
-              "probes; margin and projection intervals are t-intervals over conversations.", ""]
+              "probes; margin, projection and capability intervals are t-intervals over conversations. Capability: "
+              "KL to the base model with no persona and no history, and perplexity, on neutral MT-bench reference "
+              "answers scored at each probe turn; the control arm shows what history alone does.", ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

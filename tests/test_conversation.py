@@ -43,11 +43,87 @@ def test_probes_never_enter_the_history(backbone_factory):
     bb = backbone_factory("tiny-llama")
     persona = load_persona("joyful_writer")
     runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=8, probe_max_new_tokens=6)
-    with_probes = runner.run(persona, TURNS[:3], probe_turns=[0, 1, 2, 3], progress=False)
-    without = runner.run(persona, TURNS[:3], probe_turns=[], progress=False)
+    with_probes = runner.run(persona, [TURNS[:3]], probe_turns=[0, 1, 2, 3], progress=False)[0]
+    without = runner.run(persona, [TURNS[:3]], probe_turns=[], progress=False)[0]
     assert [r.answer for r in with_probes] == [r.answer for r in without]
     assert [r.history_tokens for r in with_probes] == [r.history_tokens for r in without]
     assert [len(r.probes) for r in with_probes] == [len(persona.probes)] * 4
     # a probe answer at turn 0 is the answer to persona + probe alone
     ids, answers = naive_transcript(bb.model, bb.chat, persona.system_prompt, [persona.probes[0].question], 6)
     assert with_probes[0].probes[0].answer == bb.chat.decode(answers[0])
+
+
+STREAMS = [TURNS[:3], TURNS[2:5], ["Hi.", "Write a haiku about rain, please, with a title.", "Why?"]]
+
+
+def mechanism_for(bb, kind):
+    from omegaconf import OmegaConf
+
+    from persona_lit.build import attach_mechanism
+    from tests.test_triplet import perturb
+
+    if kind == "none":
+        return bb.model, NoMechanism()
+    options = {"layers": [1, 3]} if kind == "lyra" else {"memory_tokens": 24}
+    model, mech = attach_mechanism(bb, OmegaConf.create({"name": kind, "options": options}))
+    if kind == "triplet":
+        perturb(model, gate=2.0)  # the branch on, so its memory matters
+    return model, mech
+
+
+class EarlyEndRunner(ConversationRunner):
+    """Greedy, but a row ends its answer when its real-token count is a multiple of 7: a row-local rule, so
+    rows of one batch end at different steps (random tiny models rarely pick the end token by themselves)."""
+
+    def forward_new(self, conv, **kwargs):
+        self.lengths = conv.mask.sum(1)
+        return super().forward_new(conv, **kwargs)
+
+    def _pick(self, logits):
+        return torch.where(self.lengths % 7 == 0, self.chat.end_id, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["none", "lyra", "triplet"])
+def test_batched_conversations_and_probes_equal_one_at_a_time(backbone_factory, kind):
+    """Three conversations of different lengths as one padded batch, probes 2 rows at a time, against
+    each conversation alone with one probe row at a time: same answers, verdicts, margins, capability."""
+    import dataclasses
+
+    bb = backbone_factory("tiny-llama")
+    model, mech = mechanism_for(bb, kind)
+    persona = load_persona("joyful_writer")
+    persona = dataclasses.replace(persona, probes=persona.probes[:3])
+    exchanges = [("What is 2 + 2?", "2 + 2 = 4."), ("Name a prime.", "Seven is a prime number.")]
+    batched = EarlyEndRunner(model, bb.chat, mech, max_new_tokens=10, probe_max_new_tokens=6, probe_batch=2)
+    batched.prepare_references(exchanges, 8)
+    together = batched.run(persona, STREAMS, probe_turns=[0, 2, 3], progress=False, capability=exchanges)
+    single = EarlyEndRunner(model, bb.chat, mech, max_new_tokens=10, probe_max_new_tokens=6, probe_batch=1)
+    single.prepare_references(exchanges, 8)
+    for stream, rows in zip(STREAMS, together):
+        alone = single.run(persona, [stream], probe_turns=[0, 2, 3], progress=False, capability=exchanges)[0]
+        assert [r.answer for r in rows] == [r.answer for r in alone]
+        assert [r.history_tokens for r in rows] == [r.history_tokens for r in alone]
+        for a, b in zip(rows, alone):
+            assert [(p.answer, p.passed) for p in a.probes] == [(p.answer, p.passed) for p in b.probes]
+            assert [p.margin for p in a.probes] == pytest.approx([p.margin for p in b.probes], abs=1e-4)
+            if b.capability is not None:
+                assert a.capability == pytest.approx(b.capability, abs=1e-4)
+                assert torch.allclose(a.reply_state, b.reply_state, atol=1e-4)
+    grown = {b.history_tokens - a.history_tokens for rows in together for a, b in zip(rows, rows[1:])}
+    assert len(grown) > 2  # turns of different lengths in one batch: padding was in play
+
+
+def test_capability_cost_is_zero_for_the_base_model_without_history_and_grows_with_a_persona(backbone_factory):
+    from persona_lit.drift import run_protocol, summarize
+
+    bb = backbone_factory("tiny-llama")
+    persona = load_persona("stoic")
+    runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=8, probe_max_new_tokens=4)
+    exchanges = [("What is 2 + 2?", "2 + 2 = 4, because two and two make four.")]
+    result = run_protocol(runner, persona, [TURNS[:2]], [0, 2], capability=exchanges, capability_tokens=12,
+                          progress=False)
+    metrics = summarize(result, [0, 2])["metrics"]
+    control_kl, persona_kl = metrics["capability/kl_to_base_control"]["mean"], metrics["capability/kl_to_base"]["mean"]
+    assert control_kl[0] == pytest.approx(0.0, abs=1e-6)  # the base model, no persona, no history: the reference
+    assert persona_kl[0] > 1e-3 and control_kl[1] > 1e-3  # a persona, or history, moves the distribution
+    assert all(p > 1 for p in metrics["capability/perplexity"]["mean"])

@@ -9,6 +9,7 @@ from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.drift import run_protocol, summarize
 from persona_lit.mechanisms.none import NoMechanism
 from persona_lit.personas import persona_from_dict
+from persona_lit.probing import Scored
 
 PERSONA = persona_from_dict({
     "name": "Cato", "system_prompt": "You are Cato.",
@@ -21,24 +22,32 @@ PROBE_TURNS = [0, 1, 2, 4, 8]
 class ScriptedRunner(ConversationRunner):
     """Answers in persona while `in_persona(turn)`; the turn is the number of user turns so far."""
 
+    device = torch.device("cpu")  # no model
+
     def __init__(self, in_persona):
         super().__init__(model=None, chat=None, mechanism=NoMechanism())
         self.in_persona = in_persona
 
-    def start(self, persona):
-        return Conversation(persona.system_prompt if persona else None)
+    def start(self, persona, rows=1):
+        return Conversation(persona.system_prompt if persona else None, rows)
+
+    def _on(self, conv):
+        return conv.system_prompt is not None and self.in_persona(conv.tokens.shape[1])
 
     def say(self, conv, user_text, max_new_tokens=None):
-        turn = len(conv.ids)
-        conv.ids.append(0)
-        persona_on = conv.system_prompt is not None and self.in_persona(turn)
-        return "I am Cato." if persona_on and user_text.startswith("What is your name") else "I am an assistant."
+        texts = [user_text] * conv.rows if isinstance(user_text, str) else user_text
+        on = self._on(conv)
+        conv.append([[0]] * conv.rows, pad_id=0)  # one slot per user turn: the turn counter
+        return ["I am Cato." if on and t.startswith("What is your name") else "I am an assistant." for t in texts]
 
-    def score(self, conv, question, answer):
-        on = conv.system_prompt is not None and self.in_persona(len(conv.ids))
-        logp = {"I am Cato.": -1.0 if on else -3.0, "I am an assistant.": -2.0}[answer or "I am an assistant."]
-        state = torch.tensor([[1.0, 0.0]]) if on else torch.tensor([[0.0, 0.0]])
-        return logp, state + torch.tensor([[0.0, 5.0]])  # a shared offset the centring must remove
+    def score(self, conv, items):
+        on = self._on(conv)
+        out = []
+        for it in items:
+            logp = {"I am Cato.": -1.0 if on else -3.0, "I am an assistant.": -2.0}[it.answer or "I am an assistant."]
+            state = torch.tensor([[1.0, 0.0]]) if on else torch.tensor([[0.0, 0.0]])
+            out.append(Scored(logp, state + torch.tensor([[0.0, 5.0]])))  # a shared offset the centring must remove
+        return out
 
 
 @pytest.mark.parametrize("policy,expected", [

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import ConversationRunner
+from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.mechanisms.lyra import load_persona_ids
 from persona_lit.personas import load_persona
 
@@ -155,8 +155,8 @@ def test_persona_cache_file_roundtrip_without_pickle(backbone_factory, tmp_path)
     mech.save_persona(tmp_path / "lyra_persona.safetensors")
     ids = load_persona_ids(tmp_path / "lyra_persona.safetensors")  # safetensors: plain tensors, no unpickling
     assert ids[0].tolist() == bb.chat.persona_ids(persona.system_prompt)
-    conv2 = runner.start(None)  # a conversation whose persona comes from the file alone
-    conv2.ids = []
+    mech.begin_conversation(None)
+    conv2 = Conversation(None)  # a conversation whose persona comes from the file alone
     runner.extend(conv2, ids[0].tolist())
     conv2.system_prompt, conv2.open_turn = persona.system_prompt, bb.chat.opens_user_turn(persona.system_prompt)
     assert runner.say(conv2, "Describe the sea.") == first

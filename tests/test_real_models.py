@@ -45,3 +45,27 @@ def test_gemma3_270m_zero_lora_is_the_base_model(backbone_factory):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, expected)
+
+
+def test_smollm2_cached_transcript_equals_reencoding_and_batched_rows_equal_alone(backbone_factory):
+    """The runner's reused cache against re-encoding the full history each turn (greedy, token for
+    token), and two conversations as one padded batch against each alone, on the real SmolLM2."""
+    from persona_lit.conversation import Conversation, ConversationRunner
+    from persona_lit.mechanisms.none import NoMechanism
+    from tests.test_conversation import TURNS, naive_transcript
+
+    bb = backbone_factory("smollm2-135m-instruct")
+    system = "You are Quill, a pirate mentor."
+    runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=16)
+    conv = Conversation(system)
+    for text in TURNS[:3]:
+        runner.say(conv, text)
+    ids, _ = naive_transcript(bb.model, bb.chat, system, TURNS[:3], 16)
+    assert conv.ids == ids
+    pair = Conversation(system, rows=2)
+    for a, b in zip(TURNS[:3], ["Hi!", "Name three rivers in Europe and say which is longest.", "Why?"]):
+        runner.say(pair, [a, b])
+    alone = Conversation(system)
+    for b in ["Hi!", "Name three rivers in Europe and say which is longest.", "Why?"]:
+        runner.say(alone, b)
+    assert pair.row_ids(0) == ids and pair.row_ids(1) == alone.ids

@@ -129,9 +129,9 @@ def test_probes_do_not_write_into_the_conversation_memory(backbone_factory):
     persona = load_persona("joyful_writer")
     persona = dataclasses.replace(persona, probes=persona.probes[:2])
     runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=8, probe_max_new_tokens=6)
-    with_probes = runner.run(persona, TURNS[:2], probe_turns=[0, 1, 2], progress=False)
+    with_probes = runner.run(persona, [TURNS[:2]], probe_turns=[0, 1, 2], progress=False)[0]
     memory = mech.snapshot()
-    without = runner.run(persona, TURNS[:2], probe_turns=[], progress=False)
+    without = runner.run(persona, [TURNS[:2]], probe_turns=[], progress=False)[0]
     assert [r.answer for r in with_probes] == [r.answer for r in without]
     assert [len(r.probes) for r in with_probes] == [2, 2, 2]
     assert torch.equal(memory.idx, mech.memory.idx) and torch.equal(memory.count, mech.memory.count)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from persona_lit.data.readers import MTBenchQuestion, read_mt_bench
+from persona_lit.data.readers import MTBenchQuestion, default_mt_bench_path, read_jsonl, read_mt_bench
 from persona_lit.errors import UserError
 
 
@@ -38,6 +39,28 @@ def turn_stream(questions: Sequence[MTBenchQuestion], n_turns: int, seed: int | 
         for q in pool:
             turns += [UserTurn(t, q.question_id, q.category, i) for i, t in enumerate(q.turns)]
     return turns[:n_turns]
+
+
+def neutral_exchanges(count: int, avoid_question_ids: set[int] = frozenset(), questions_path: str | None = None,
+                      answers_path: str | None = None) -> list[tuple[str, str]]:
+    """`count` (first-turn question, reference answer) pairs for the capability cost, preferring questions
+    the conversations do not ask; in file order, so every run scores the same exchanges."""
+    if count <= 0:
+        return []
+    questions = {q.question_id: q for q in read_mt_bench(questions_path)}
+    root = Path(questions_path) if questions_path else default_mt_bench_path()
+    answers = Path(answers_path) if answers_path else root.parent / "reference_answer" / "gpt-4.jsonl"
+    if not answers.is_file():
+        raise UserError(f"capability_exchanges={count}: reference answers not found at {answers} "
+                        "(FastChat layout: reference_answer/gpt-4.jsonl beside question.jsonl; 0 turns this off)")
+    pairs = []
+    for where, record in read_jsonl(answers):
+        q, turns = questions.get(record.get("question_id")), (record.get("choices") or [{}])[0].get("turns")
+        if q is None or not isinstance(turns, list) or not turns:
+            raise UserError(f"{where}: needs a known 'question_id' and 'choices[0].turns'")
+        pairs.append((q.question_id in avoid_question_ids, q.turns[0], str(turns[0])))
+    pairs.sort(key=lambda p: p[0])  # stable: unasked questions first, file order within
+    return [(q, a) for _, q, a in pairs[:count]]
 
 
 class MTBenchDataModule(L.LightningDataModule):

@@ -34,11 +34,11 @@ class Mechanism:
 
     @contextlib.contextmanager
     def switched_off(self):
-        self._disabled = True
+        before, self._disabled = self._disabled, True
         try:
             yield
         finally:
-            self._disabled = False
+            self._disabled = before
 
     def begin_conversation(self, persona: Persona | None) -> None:
         """Called before the first turn of a conversation (e.g. build a persona cache)."""
@@ -52,6 +52,10 @@ class Mechanism:
 
     def restore(self, state: Any) -> None:
         """Puts back what snapshot() returned."""
+
+    def select_rows(self, index) -> None:
+        """Keep rows `index` (a long tensor, repeats allowed) of the batched conversation state, as the
+        conversation runner does with the KV cache for probes on forks. Called between snapshot/restore."""
 
     def export(self, directory) -> None:
         """Write a standard artifact other tools can load (e.g. a PEFT adapter directory), if any."""

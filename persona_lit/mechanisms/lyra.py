@@ -41,25 +41,38 @@ def default_layers(model: nn.Module) -> list[int]:
 @dataclass
 class Segments:
     """Keys/values of one chosen layer: the persona, an optional history window, the current turn.
-    Tensors are replaced, never changed in place, so a snapshot is a shallow copy."""
+    Tensors are replaced, never changed in place, so a snapshot is a shallow copy. `joined` keeps the
+    parts already concatenated: appending to the last part (every decoding step) is then one cat."""
 
     k: dict[str, torch.Tensor] = field(default_factory=dict)
     v: dict[str, torch.Tensor] = field(default_factory=dict)
     valid: dict[str, torch.Tensor] = field(default_factory=dict)
+    joined: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def append(self, part: str, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        last = self.joined is not None and part == self.parts()[-1]
         if part in self.k:
-            k, v, valid = (torch.cat([self.k[part], k], 2), torch.cat([self.v[part], v], 2),
-                           torch.cat([self.valid[part], valid], 1))
-        self.k[part], self.v[part], self.valid[part] = k, v, valid
+            k_all, v_all = torch.cat([self.k[part], k], 2), torch.cat([self.v[part], v], 2)
+            self.valid[part] = torch.cat([self.valid[part], valid], 1)
+        else:
+            k_all, v_all = k, v
+            self.valid[part] = valid
+        self.k[part], self.v[part] = k_all, v_all
+        self.joined = (torch.cat([self.joined[0], k], 2), torch.cat([self.joined[1], v], 2)) if last else None
 
     def drop(self, part: str) -> None:
         for d in (self.k, self.v, self.valid):
             d.pop(part, None)
+        self.joined = None
 
-    def ordered(self, name: str) -> list[torch.Tensor]:
-        d = getattr(self, name)
-        return [d[p] for p in ("persona", "window", "turn") if p in d]
+    def parts(self) -> list[str]:
+        return [p for p in ("persona", "window", "turn") if p in self.k]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.joined is None:
+            parts = self.parts()
+            self.joined = (torch.cat([self.k[p] for p in parts], 2), torch.cat([self.v[p] for p in parts], 2))
+        return self.joined
 
     def tokens(self) -> int:
         return sum(k.shape[2] for k in self.k.values())
@@ -77,7 +90,7 @@ class _SegmentCache:
         if self.real_cache is not None:
             self.real_cache.update(k[..., :0], v[..., :0], layer_idx, *args, **kwargs)
         self.segments.append(self.part, k, v, self.valid)
-        return torch.cat(self.segments.ordered("k"), 2), torch.cat(self.segments.ordered("v"), 2)
+        return self.segments.keys_values()
 
 
 class LyraAttention(nn.Module):
@@ -95,10 +108,8 @@ class LyraAttention(nn.Module):
             mask = ctx.format_mask(ctx.train_mask, hidden_states.dtype)
             return self.base(hidden_states, cos_sin, mask, None, **kwargs)
         segments = ctx.mechanism.segments.setdefault(self.layer_idx, Segments())
-        before = {p: segments.valid[p] for p in segments.valid}
         store = _SegmentCache(segments, ctx.part, ctx.new_valid, past_key_values)
-        mask = ctx.format_mask(ctx.segment_mask(before), hidden_states.dtype)
-        return self.base(hidden_states, cos_sin, mask, store, **kwargs)
+        return self.base(hidden_states, cos_sin, ctx.mask(segments, hidden_states.dtype), store, **kwargs)
 
 
 class _Context:
@@ -109,6 +120,7 @@ class _Context:
         self.mechanism, self.positions, self.new_valid, self.part, self.train_mask = (
             mechanism, positions, new_valid, part, train_mask)
         self._rope: dict[str, Any] = {}
+        self._masks: dict[tuple, Any] = {}
 
     def rope(self, layer_type: str, hidden: torch.Tensor):
         if layer_type not in self._rope:
@@ -116,6 +128,18 @@ class _Context:
             args = (hidden, self.positions) + ((layer_type,) if self.mechanism.rotary_takes_type else ())
             self._rope[layer_type] = rotary(*args)
         return self._rope[layer_type]
+
+    def mask(self, segments: Segments, dtype: torch.dtype) -> torch.Tensor | None:
+        """The chosen layers' mask for this call, built once (every chosen layer holds the same parts).
+        None when nothing needs masking (one new token, no padding): SDPA then takes its fastest path."""
+        before = {p: segments.valid[p] for p in segments.parts()}
+        key = tuple((p, t.shape[1]) for p, t in before.items())
+        if key not in self._masks:
+            if self.new_valid.shape[1] == 1 and all(bool(t.all()) for t in (self.new_valid, *before.values())):
+                self._masks[key] = None
+            else:
+                self._masks[key] = self.format_mask(self.segment_mask(before), dtype)
+        return self._masks[key]
 
     def segment_mask(self, before: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, 1, q, K]: every valid persona/window key, the current part causally, and always oneself
@@ -198,11 +222,16 @@ class LyraMechanism(Mechanism):
         seg.valid["window"] = seg.valid["window"][:, -self.history_window:]
 
     def snapshot(self) -> Any:
-        return ({i: Segments(dict(s.k), dict(s.v), dict(s.valid)) for i, s in self.segments.items()},
+        return ({i: Segments(dict(s.k), dict(s.v), dict(s.valid), s.joined) for i, s in self.segments.items()},
                 dict(self.counts), self.part)
 
     def restore(self, state: Any) -> None:
         self.segments, self.counts, self.part = state
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.segments = {i: Segments({p: t[index] for p, t in s.k.items()}, {p: t[index] for p, t in s.v.items()},
+                                     {p: t[index] for p, t in s.valid.items()}) for i, s in self.segments.items()}
+        self.counts = {p: c[index] for p, c in self.counts.items()}
 
     def memory_tokens(self) -> int:
         """Keys held by the chosen layers (persona + window + current turn), summed over layers."""

@@ -171,6 +171,12 @@ class TripletMechanism(Mechanism):
     def restore(self, state: Any) -> None:
         self.memory = state
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        m = self.memory
+        if m is not None:
+            self.memory = Memory(m.valid[index], m.idx[index], m.count[index],
+                                 {i: (k[index], v[index]) for i, (k, v) in m.kv.items()})
+
     def memory_size(self) -> int:
         """Token columns the memory holds (the same for every chosen layer)."""
         return 0 if self.memory is None else self.memory.valid.shape[1]

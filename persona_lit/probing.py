@@ -1,0 +1,139 @@
+"""Probes and scoring on forks of a conversation, batched: what the drift protocol measures at a turn.
+
+Every probe question of every conversation is one row of a forked batch (the conversation's cache
+copied, `probe_batch` rows at a time); nothing asked here enters the main history. Scoring pads on the
+right, so each row's real tokens are computed exactly as alone.
+
+Capability cost: a few neutral exchanges (an MT-bench question and its reference answer) are scored at
+each probe turn. `kl_to_base` is KL(P_model || P_base) over the reference answer's tokens, where P_base
+is the base model with no persona and no history; `nll` is the reference answer's mean negative log
+likelihood (perplexity = exp). In the control arm the same numbers measure what history alone does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from persona_lit.personas import Probe
+
+
+@dataclass
+class ProbeResult:
+    turn: int
+    question: str
+    kind: str
+    answer: str
+    passed: bool
+    margin: float | None = None  # mean log p per token: persona answer minus default-assistant answer
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    row: int  # the conversation (row) to score after
+    question: str
+    answer: str
+    max_tokens: int | None = None  # None: the whole answer and the end token
+    keep_logprobs: bool = False
+
+
+@dataclass
+class Scored:
+    mean_logp: float  # mean log p per answer token
+    state: torch.Tensor  # (layers, hidden) at the start of the reply
+    logprobs: torch.Tensor | None = None  # (answer tokens, vocab), if asked for
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class Probing:
+    """Mixed into ConversationRunner (which provides model, chat, mechanism, on_fork, say, forward_new)."""
+
+    def score(self, conv, items: Sequence[ScoreItem]) -> list[Scored]:
+        """Log-probabilities of fixed answers, by forward passes on forks: nothing is generated."""
+        out: list[Scored] = []
+        for chunk in _chunks(list(items), self.probe_batch):
+            out += self.on_fork(conv, [it.row for it in chunk], self._score_fork, chunk)
+        return out
+
+    @torch.no_grad()
+    def _score_fork(self, fork, chunk: list[ScoreItem]) -> list[Scored]:
+        if self.mechanism is not None:
+            self.mechanism.begin_turn()
+        prompts = [self.chat.user_turn_ids(it.question, fork.open_turn) for it in chunk]
+        targets = [self.chat._ids(it.answer)[: it.max_tokens] if it.max_tokens else
+                   self.chat._ids(it.answer) + [self.chat.end_id] for it in chunk]
+        fork.append([p + t for p, t in zip(prompts, targets)], self.chat.pad_id, pad_left=False)
+        result = self.forward_new(fork, output_hidden_states=True)
+        scored = []
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            start = len(prompt) - 1
+            logp = torch.log_softmax(result.logits[i, start : start + len(target)].float(), -1)
+            token_logp = logp.gather(1, torch.tensor(target, device=logp.device)[:, None])
+            state = torch.stack([h[i, start].float().cpu() for h in result.hidden_states[1:]])
+            scored.append(Scored(float(token_logp.mean()), state, logp.cpu() if chunk[i].keep_logprobs else None))
+        return scored
+
+    def probe(self, conv, probes: Sequence[Probe], turn: int) -> list[tuple[list[ProbeResult], torch.Tensor | None]]:
+        """Per conversation: every probe answered (generated) and scored, and the mean reply-start state."""
+        if not probes:
+            return [([], None) for _ in range(conv.rows)]
+        pairs = [(b, p) for b in range(conv.rows) for p in probes]
+        answers: list[str] = []
+        for chunk in _chunks(pairs, self.probe_batch):
+            answers += self.on_fork(conv, [b for b, _ in chunk], self.say, [p.question for _, p in chunk],
+                                    self.probe_max_new_tokens)
+        items = [ScoreItem(b, p.question, p.persona_answer) for b, p in pairs]
+        items += [ScoreItem(b, p.question, p.assistant_answer) for b, p in pairs]
+        scored = self.score(conv, items)
+        persona_scores, assistant_scores = scored[: len(pairs)], scored[len(pairs) :]
+        out = []
+        for b in range(conv.rows):
+            results, states = [], []
+            for k, (row, p) in enumerate(pairs):
+                if row != b:
+                    continue
+                margin = None
+                if p.persona_answer and p.assistant_answer:
+                    margin = persona_scores[k].mean_logp - assistant_scores[k].mean_logp
+                results.append(ProbeResult(turn, p.question, p.kind, answers[k], bool(p.check(answers[k])), margin))
+                states.append(persona_scores[k].state)
+            out.append((results, torch.stack(states).mean(0)))
+        return out
+
+    def prepare_references(self, exchanges: Sequence[tuple[str, str]], max_tokens: int) -> None:
+        """The base model's log-probs on each reference answer, with no persona and no history. Call it
+        outside any disabled() context (mechanisms' off switches do not nest)."""
+        self.capability_tokens = max_tokens
+        todo = [(q, a) for q, a in exchanges if (q, a, max_tokens) not in self.references]
+        if not todo:
+            return
+        with self.mechanism.disabled() if self.mechanism is not None else contextlib.nullcontext():
+            conv = self.start(None)
+            scored = self.score(conv, [ScoreItem(0, q, a, max_tokens, True) for q, a in todo])
+        for (q, a), s in zip(todo, scored):
+            self.references[(q, a, max_tokens)] = s.logprobs
+
+    def capability_cost(self, conv, exchanges: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
+        """Per conversation: mean KL to the base model and mean NLL over the exchanges' answer tokens."""
+        n = self.capability_tokens
+        items = [ScoreItem(b, q, a, n, True) for b in range(conv.rows) for q, a in exchanges]
+        scored = self.score(conv, items)
+        out = []
+        for b in range(conv.rows):
+            kls, nlls = [], []
+            for it, s in zip(items, scored):
+                if it.row != b:
+                    continue
+                ref = self.references[(it.question, it.answer, n)]
+                kls.append((s.logprobs.exp() * (s.logprobs - ref)).sum(-1))
+                nlls.append(-s.mean_logp * len(ref))
+            tokens = sum(len(k) for k in kls)
+            out.append({"kl_to_base": float(torch.cat(kls).mean()), "nll": sum(nlls) / tokens})
+        return out
