@@ -170,3 +170,20 @@ def test_train_run_dir_not_writable(tmp_path):
 def test_resume_from_missing_ckpt_path(tmp_path):
     missing = tmp_path / "gone" / "last.ckpt"
     train_fails(tmp_path, f"ckpt_path={missing}", facts=[f"ckpt_path={missing}", "not found"])
+
+
+@pytest.mark.parametrize("override,facts", [
+    ("probe_batch=0", ["probe_batch=0", ">= 1"]),
+    ("capability_exchanges=-1", ["capability_exchanges=-1", ">= 0"]),
+])
+def test_evaluate_bad_batch_and_capability_settings(tmp_path, override, facts):
+    out_dir = tmp_path / "out"
+    proc = cli("evaluate.py", "model=tiny-llama", *EVAL, override, f"out_dir={out_dir}")
+    user_error(proc, *facts, absent=out_dir)
+
+
+def test_evaluate_capability_without_reference_answers(tmp_path):
+    questions = write_jsonl(tmp_path / "question.jsonl", ['{"question_id": 1, "category": "writing", "turns": ["Hi?"]}'])
+    out_dir = tmp_path / "out"
+    proc = cli("evaluate.py", "model=tiny-llama", *EVAL, f"mt_bench_path={questions}", f"out_dir={out_dir}")
+    user_error(proc, "capability_exchanges=3", "reference_answer/gpt-4.jsonl", absent=out_dir)

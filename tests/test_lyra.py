@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from persona_lit.build import attach_mechanism
 from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.errors import UserError
 from persona_lit.mechanisms.lyra import load_persona_ids
 from persona_lit.personas import load_persona
 
@@ -177,17 +178,20 @@ def test_disabled_is_the_base_model_and_frozen_by_default(backbone_factory):
     assert names and all(".self_attn.base." in n for n in names)
 
 
-def test_trains_its_layers_on_chained_dialogues_and_evaluates(tmp_path):
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_trains_its_layers_on_chained_dialogues_and_evaluates(tmp_path, lora_r):
     from safetensors.torch import load_file
 
     from tests.conftest import run_cli
 
     run = run_cli("train.py", "model=tiny-llama", "mechanism=lyra", "mechanism.options.layers=[1,3]",
-                  "mechanism.options.train_layers=true", "persona=stoic", "data.chain_turns=3", "data.filler_turns=1",
+                  "mechanism.options.train_layers=true", f"mechanism.options.lora_r={lora_r}", "persona=stoic",
+                  "data.chain_turns=3", "data.filler_turns=1", "module.distill_weight=1.0",
                   "data.max_length=768", "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/train")
     assert run.returncode == 0, run.stderr[-3000:]
     tensors = load_file(tmp_path / "train/checkpoints/final.safetensors")
     assert tensors and all(".self_attn.base." in k and (".layers.1." in k or ".layers.3." in k) for k in tensors)
+    assert all(("lora_" in k) == bool(lora_r) for k in tensors)
     ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "probe_turns=[2]", "max_new_tokens=4",
                  "probe_max_new_tokens=4", "logger=none", f"out_dir={tmp_path}/eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -210,3 +214,35 @@ def test_fresh_persona_distillation_is_zero_on_turn_one_and_positive_later(backb
         with mech.disabled():
             plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         assert fresh_persona_kl(model, mech, batch, plain, bb.chat.pad_id) > 1e-4
+
+
+@pytest.mark.parametrize("options", [{"train_layers": True}, {"train_layers": True, "lora_r": 4}])
+def test_trained_layers_still_disable_to_the_base_model(backbone_factory, options):
+    """The control arm and the distillation teacher run under disabled(): after the chosen layers (or
+    their LoRA) change, disabled() must still be the base model, and enabled must differ from it."""
+    base, bb = backbone_factory("tiny-llama"), backbone_factory("tiny-llama")
+    model, mech = lyra(bb, **options)
+    ids = torch.tensor([bb.chat.encode([{"role": "user", "content": "hello there"}] * 2)[0]])
+    with torch.no_grad():
+        for p in mech.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        with mech.disabled():
+            assert torch.equal(model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+        assert not torch.allclose(model(input_ids=ids).logits, base.model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_lora_on_chosen_layers_starts_at_frozen_lyra_and_only_its_factors_train(backbone_factory):
+    frozen_model, frozen = lyra(backbone_factory("tiny-llama"))
+    model, mech = lyra(backbone_factory("tiny-llama"), train_layers=True, lora_r=4)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and (".layers.1." in n or ".layers.3." in n) for n in names)
+    persona = load_persona("stoic")
+    answers = []
+    for m, mechanism in ((frozen_model, frozen), (model, mech)):
+        runner = ConversationRunner(m, backbone_factory("tiny-llama").chat, mechanism, max_new_tokens=6)
+        conv = runner.start(persona)
+        answers.append([runner.say(conv, t) for t in ("Describe the sea.", "And the sky?")])
+        answers.append(conv.ids)
+    assert answers[0] == answers[2] and answers[1] == answers[3]  # zero-initialised LoRA: frozen Lyra exactly
+    with pytest.raises(UserError, match="lora_r=4: a LoRA on the chosen layers needs"):
+        lyra(backbone_factory("tiny-llama"), lora_r=4)

@@ -14,6 +14,7 @@ in training, the collator's `segment_ids`) once per call and works out each new 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,15 +95,23 @@ class _SegmentCache:
 
 
 class LyraAttention(nn.Module):
-    def __init__(self, base: nn.Module, mechanism: "LyraMechanism", layer_idx: int, layer_type: str):
+    def __init__(self, base: nn.Module, mechanism: "LyraMechanism", layer_idx: int, layer_type: str,
+                 keep_original: bool = False):
         super().__init__()
         self.base, self.layer_idx, self.layer_type = base, layer_idx, layer_type
         self._mechanism = [mechanism]  # a list: not registered as a submodule
+        # When the layer trains, disabled() must still be the base model (the control arm, the distillation
+        # teacher): a frozen copy of the original weights, kept out of the state dict and the checkpoint.
+        self._original = [copy.deepcopy(base).requires_grad_(False)] if keep_original else []
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        ctx = self._mechanism[0].ctx
-        if ctx is None:  # disabled, or no conversation/segments: the base layer unchanged
-            return self.base(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        mechanism = self._mechanism[0]
+        ctx = mechanism.ctx
+        if ctx is None:  # disabled, or no conversation/segments: the layer as it is (the original if disabled)
+            layer = self.base
+            if mechanism._disabled and self._original:
+                layer = self._original[0] = self._original[0].to(hidden_states.device)
+            return layer(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         cos_sin = ctx.rope(self.layer_type, hidden_states)
         if ctx.train_mask is not None:
             mask = ctx.format_mask(ctx.train_mask, hidden_states.dtype)
@@ -168,9 +177,14 @@ class LyraMechanism(Mechanism):
     name = "lyra"
     uses_segments = True
 
-    def __init__(self, layers: list[int] | None = None, train_layers: bool = False, history_window: int = 0):
+    def __init__(self, layers: list[int] | None = None, train_layers: bool = False, history_window: int = 0,
+                 lora_r: int = 0, lora_alpha: int | None = None):
         self.layers = list(layers) if layers is not None else None
         self.train_layers, self.history_window = train_layers, int(history_window)
+        self.lora_r, self.lora_alpha = int(lora_r), lora_alpha
+        if self.lora_r and not train_layers:
+            raise UserError(f"mechanism.options.lora_r={lora_r}: a LoRA on the chosen layers needs "
+                            "mechanism.options.train_layers=true")
         self.segments: dict[int, Segments] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self.part: str | None = None  # "persona", then "turn"; None outside a conversation
@@ -186,10 +200,12 @@ class LyraMechanism(Mechanism):
             raise UserError(f"mechanism.options.layers={self.layers}: need layer indices in 0..{len(layers) - 1}")
         types = layer_types(model)
         for i in self.layers:
-            wrapped = LyraAttention(layers[i].self_attn, self, i, types[i])
+            wrapped = LyraAttention(layers[i].self_attn, self, i, types[i], keep_original=self.train_layers)
             layers[i].self_attn = wrapped
-            if self.train_layers:
+            if self.train_layers and not self.lora_r:
                 wrapped.base.requires_grad_(True)
+        if self.lora_r:
+            self._inject_lora(model)
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.rotary = inner.rotary_emb
         self.rotary_takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
@@ -197,6 +213,18 @@ class LyraMechanism(Mechanism):
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(lambda *a: setattr(self, "ctx", None))
         return super().attach(model)
+
+    def _inject_lora(self, model: nn.Module) -> None:
+        """A PEFT LoRA (zero-initialised B, so training starts at frozen Lyra) on the chosen layers' linear
+        projections only; the LoRA factors are the only trainable tensors."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        chosen = "|".join(map(str, self.layers))
+        config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r, lora_dropout=0.0,
+                            target_modules=rf".*\.layers\.({chosen})\.self_attn\.base\.(q_proj|k_proj|v_proj|o_proj)")
+        inject_adapter_in_model(config, model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
 
     # conversation state -------------------------------------------------------------------------
     def begin_conversation(self, persona=None) -> None:
