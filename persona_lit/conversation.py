@@ -36,6 +36,7 @@ class TurnRecord:
     reply_state: torch.Tensor | None = None  # (layers, hidden) at the start of the reply, mean over probes
     capability: dict[str, float] | None = None  # kl_to_base, nll on reference answers (see probing.py)
     judge: dict[str, float] | None = None  # persona, coherence 0-100 from an optional LLM judge (judge.py)
+    persona: str = ""  # the persona whose probes were asked (set by the drift protocol)
 
 
 class Conversation:

@@ -4,7 +4,7 @@ every metric per turn with an interval across conversations. Used by evaluate.py
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +18,18 @@ from persona_lit.personas import Persona
 class ProtocolResult:
     persona_arm: list[list[TurnRecord]]
     control_arm: list[list[TurnRecord]]  # same turns, no persona, mechanism disabled: the base model
+    groups: list[int] = field(default_factory=list)  # persona of each conversation (merged results); [] = one
+
+
+def merge(results: Sequence[ProtocolResult]) -> ProtocolResult:
+    """Several personas' results as one: their conversations pool into every interval, while each
+    persona keeps its own projection direction."""
+    out = ProtocolResult([], [], [])
+    for g, r in enumerate(results):
+        out.persona_arm += r.persona_arm
+        out.control_arm += r.control_arm
+        out.groups += [g] * len(r.persona_arm)
+    return out
 
 
 def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence[Sequence[Any]],
@@ -38,6 +50,9 @@ def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence
             with runner.mechanism.disabled():
                 control_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
                                           desc=f"control {where}", capability=capability)
+    for records in persona_arm + control_arm:
+        for r in records:
+            r.persona = persona.key  # the control arm answers the same persona's probes, without it
     return ProtocolResult(persona_arm, control_arm)
 
 
@@ -88,10 +103,12 @@ def _projection(result: ProtocolResult, probe_turns: list[int], layer: int) -> d
     states = [({r.turn: r.reply_state[layer] for r in p if r.reply_state is not None},
                {r.turn: r.reply_state[layer] for r in c if r.reply_state is not None})
               for p, c in zip(result.persona_arm, result.control_arm)]
-    direction = torch.stack([p[0] - c[0] for p, c in states]).mean(0)
+    groups = result.groups or [0] * len(states)
+    directions = {g: torch.stack([p[0] - c[0] for (p, c), h in zip(states, groups) if h == g]).mean(0)
+                  for g in set(groups)}
     metric = PerTurnMean(probe_turns, max_conversations=len(states))
-    for k, (p, c) in enumerate(states):
-        for turn, value in persona_projection(p, c, direction).items():
+    for k, ((p, c), g) in enumerate(zip(states, groups)):
+        for turn, value in persona_projection(p, c, directions[g]).items():
             metric.update(k, turn, value)
     return {"projection": {**metric.compute(), "layer": layer}}
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, require_writable, resolve_persona, restore
 from persona_lit.conversation import ConversationRunner
-from persona_lit.drift import run_protocol, summarize
+from persona_lit.drift import merge, run_protocol, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges
 from persona_lit.errors import UserError
 from persona_lit.judge import Judge, check_judge, judge_arm
@@ -32,6 +32,16 @@ def _load(cfg: DictConfig):
     model, mechanism = attach_mechanism(backbone, cfg.mechanism)
     persona = resolve_persona(cfg.persona or "pirate_mentor")
     return backbone, model.eval(), mechanism, persona, {"model": plain(cfg.model), "mechanism": plain(cfg.mechanism)}
+
+
+def _with_probe_kinds(persona, kinds):
+    if not kinds:
+        return persona
+    kept = tuple(p for p in persona.probes if p.kind in set(kinds))
+    if not kept:
+        have = sorted({p.kind for p in persona.probes})
+        raise UserError(f"probe_kinds={list(kinds)}: persona {persona.name!r} has probes of kinds {have}")
+    return dataclasses.replace(persona, probes=kept)
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -61,32 +71,35 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.judge.url:
         judge = Judge(str(cfg.judge.url), str(cfg.judge.model), cfg.judge.api_key_env, float(cfg.judge.timeout_s))
         check_judge(judge)
+    chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
     backbone, model, mechanism, persona, config = _load(cfg)
-    if cfg.probe_kinds:
-        kept = tuple(p for p in persona.probes if p.kind in set(cfg.probe_kinds))
-        if not kept:
-            kinds = sorted({p.kind for p in persona.probes})
-            raise UserError(f"probe_kinds={list(cfg.probe_kinds)}: persona {persona.name!r} has probes of kinds {kinds}")
-        persona = dataclasses.replace(persona, probes=kept)
+    personas = [_with_probe_kinds(p, cfg.probe_kinds) for p in chosen or [persona]]
     torch.manual_seed(int(cfg.seed or 0))
     asked = {t.question_id for stream in turns.streams for t in stream}
     capability = neutral_exchanges(int(cfg.capability_exchanges), asked, cfg.mt_bench_path)
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature),
                                 probe_batch=int(cfg.probe_batch))
-    protocol = run_protocol(runner, persona, turns.streams, probe_turns, control=bool(cfg.control),
-                            capability=capability, capability_tokens=int(cfg.capability_tokens),
-                            batch=int(cfg.conversation_batch))
-    if judge is not None:
-        for arm in (protocol.persona_arm, protocol.control_arm):
-            judge_arm(judge, persona.system_prompt, arm)
+    by_persona = {}
+    for persona in personas:
+        by_persona[persona.key] = run_protocol(runner, persona, turns.streams, probe_turns, control=bool(cfg.control),
+                                               capability=capability, capability_tokens=int(cfg.capability_tokens),
+                                               batch=int(cfg.conversation_batch))
+        if judge is not None:
+            for arm in (by_persona[persona.key].persona_arm, by_persona[persona.key].control_arm):
+                judge_arm(judge, persona.system_prompt, arm)
+    protocol = merge(list(by_persona.values()))
     results = {
-        "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name, "persona": persona.name,
+        "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name,
+                "persona": ", ".join(p.name for p in personas), "personas": list(by_persona),
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens)},
         **summarize(protocol, probe_turns, cfg.projection_layer),
         "config": config,
     }
+    if len(personas) > 1:  # the pooled metrics above, and each persona alone
+        results["by_persona"] = {k: summarize(r, probe_turns, cfg.projection_layer)["metrics"]
+                                 for k, r in by_persona.items()}
     # Everything is written to a temporary sibling and renamed at the end: no half-written results.
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +114,7 @@ def evaluate(cfg: DictConfig) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log_results(cfg, results, out_dir, persona.key)
+    log_results(cfg, results, out_dir, "+".join(by_persona))
     print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir
 

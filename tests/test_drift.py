@@ -96,3 +96,28 @@ def test_compare_overlays_earlier_evaluations(tmp_path):
     assert "compare_adherence.png" in written
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| until4 | until4 | scripted | Cato | adherence/name | 0: 1.00, 1: 1.00, 2: 1.00, 4: 0.00, 8: 0.00 |" in table
+
+
+def test_evaluate_pools_several_personas_and_reports_each(tmp_path):
+    """evaluate.py personas=[...] on tiny-llama: pooled metrics over both personas' conversations, each
+    persona alone under by_persona, capability cost in both arms, the persona on every transcript row."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "eval"
+    r = run_cli("evaluate.py", "model=tiny-llama", "mechanism=none", "personas=[stoic,botanist]", "turns=2",
+                "conversations=2", "probe_turns=[0,2]", "probe_kinds=[name]", "max_new_tokens=4",
+                "probe_max_new_tokens=4", "capability_exchanges=2", "capability_tokens=6", "logger=none",
+                f"out_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["personas"] == ["stoic", "botanist"]
+    assert set(results["by_persona"]) == {"stoic", "botanist"}
+    pooled, alone = results["metrics"], results["by_persona"]["stoic"]
+    assert pooled["likelihood_margin"]["n"] == [4, 4] and alone["likelihood_margin"]["n"] == [2, 2]
+    assert pooled["projection"]["mean"][0] == pytest.approx(1.0)  # each persona scaled by its own turn 0
+    assert pooled["capability/kl_to_base_control"]["mean"][0] == pytest.approx(0.0, abs=1e-6)
+    rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    assert {row["persona"] for row in rows} == {"stoic", "botanist"} and {row["arm"] for row in rows} == {"persona", "control"}
+    assert (out / "kl_to_base.png").stat().st_size > 0 and "capability/kl_to_base" in (out / "report.md").read_text()
