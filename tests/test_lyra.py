@@ -246,3 +246,36 @@ def test_lora_on_chosen_layers_starts_at_frozen_lyra_and_only_its_factors_train(
     assert answers[0] == answers[2] and answers[1] == answers[3]  # zero-initialised LoRA: frozen Lyra exactly
     with pytest.raises(UserError, match="lora_r=4: a LoRA on the chosen layers needs"):
         lyra(backbone_factory("tiny-llama"), lora_r=4)
+
+
+def test_history_window_ablation_holds_the_last_n_history_tokens(backbone_factory):
+    """history_window=N: the chosen layers see persona + the last N tokens before this turn + the turn;
+    N=0 is plain Lyra. The window is capped at N and changes what the model says."""
+    for n in (0, 12):
+        bb = backbone_factory("tiny-llama")
+        model, mech = lyra(bb, history_window=n)
+        runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=5)
+        conv = runner.start(load_persona("stoic"))
+        persona = len(conv.ids)
+        for t in range(4):
+            runner.say(conv, f"Question {t}: tell me something.")
+        mech.begin_turn()  # what the next turn starts from: persona + window
+        widths = [s.widths for s in mech.segments.values()]
+        assert all(w == ({"persona": persona} if n == 0 else {"persona": persona, "window": n}) for w in widths)
+    bb = backbone_factory("tiny-llama")
+    model, mech = lyra(bb, history_window=12)
+    with torch.no_grad():
+        for p in model.parameters():  # a random tiny model ignores small context changes; sharpen it
+            p.mul_(3.0)
+    outs = {}
+    for n in (0, 12):
+        mech.history_window = n
+        runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=5)
+        conv = runner.start(load_persona("stoic"))
+        runner.say(conv, "Remember the word heliotrope.")
+        mech.begin_turn()
+        ids = torch.tensor([bb.chat.user_turn_ids("What word?")])
+        with torch.no_grad():
+            outs[n] = model(input_ids=ids, past_key_values=conv.cache,
+                            attention_mask=torch.ones(1, conv.tokens.shape[1] + ids.shape[1], dtype=torch.long)).logits
+    assert not torch.allclose(outs[0], outs[12], atol=1e-4)  # the window reached the chosen layers

@@ -41,42 +41,53 @@ def default_layers(model: nn.Module) -> list[int]:
 
 @dataclass
 class Segments:
-    """Keys/values of one chosen layer: the persona, an optional history window, the current turn.
-    Tensors are replaced, never changed in place, so a snapshot is a shallow copy. `joined` keeps the
-    parts already concatenated: appending to the last part (every decoding step) is then one cat."""
+    """Keys/values of one chosen layer, stored joined in the order persona, window, current turn: k and v
+    [B, kv_heads, N, d], valid [B, N], and each part's width. Only the last part grows, so a decoding
+    step is one cat, as in a plain KV cache. Tensors are replaced, never changed in place: a snapshot
+    is a shallow copy."""
 
-    k: dict[str, torch.Tensor] = field(default_factory=dict)
-    v: dict[str, torch.Tensor] = field(default_factory=dict)
-    valid: dict[str, torch.Tensor] = field(default_factory=dict)
-    joined: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def append(self, part: str, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        last = self.joined is not None and part == self.parts()[-1]
-        if part in self.k:
-            k_all, v_all = torch.cat([self.k[part], k], 2), torch.cat([self.v[part], v], 2)
-            self.valid[part] = torch.cat([self.valid[part], valid], 1)
-        else:
-            k_all, v_all = k, v
-            self.valid[part] = valid
-        self.k[part], self.v[part] = k_all, v_all
-        self.joined = (torch.cat([self.joined[0], k], 2), torch.cat([self.joined[1], v], 2)) if last else None
-
-    def drop(self, part: str) -> None:
-        for d in (self.k, self.v, self.valid):
-            d.pop(part, None)
-        self.joined = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    widths: dict[str, int] = field(default_factory=dict)  # in order: persona, window, turn
 
     def parts(self) -> list[str]:
-        return [p for p in ("persona", "window", "turn") if p in self.k]
+        return list(self.widths)
 
-    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.joined is None:
-            parts = self.parts()
-            self.joined = (torch.cat([self.k[p] for p in parts], 2), torch.cat([self.v[p] for p in parts], 2))
-        return self.joined
+    def part_valid(self, part: str) -> torch.Tensor:
+        start = 0
+        for p, w in self.widths.items():
+            if p == part:
+                return self.valid[:, start : start + w]
+            start += w
+        raise KeyError(part)
+
+    def append(self, part: str, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        if self.widths and part in self.widths and list(self.widths)[-1] != part:
+            raise ValueError(f"lyra: only the last part grows, not {part!r}")
+        if self.k is None:
+            self.k, self.v, self.valid = k, v, valid
+        else:
+            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+            self.valid = torch.cat([self.valid, valid], 1)
+        self.widths = {**self.widths, part: self.widths.get(part, 0) + k.shape[2]}
+
+    def keep_first(self, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keeps the parts up to and including `part`; returns (k, v, valid) of what was cut off."""
+        names = list(self.widths)
+        width = sum(self.widths[p] for p in names[: names.index(part) + 1])
+        cut = (self.k[:, :, width:], self.v[:, :, width:], self.valid[:, width:])
+        self.k, self.v, self.valid = self.k[:, :, :width], self.v[:, :, :width], self.valid[:, :width]
+        self.widths = {p: self.widths[p] for p in names[: names.index(part) + 1]}
+        return cut
+
+    def select(self, index: torch.Tensor) -> "Segments":
+        if self.k is None:
+            return Segments()
+        return Segments(self.k[index], self.v[index], self.valid[index], dict(self.widths))
 
     def tokens(self) -> int:
-        return sum(k.shape[2] for k in self.k.values())
+        return 0 if self.k is None else self.k.shape[2]
 
 
 class _SegmentCache:
@@ -91,7 +102,7 @@ class _SegmentCache:
         if self.real_cache is not None:
             self.real_cache.update(k[..., :0], v[..., :0], layer_idx, *args, **kwargs)
         self.segments.append(self.part, k, v, self.valid)
-        return self.segments.keys_values()
+        return self.segments.k, self.segments.v
 
 
 class LyraAttention(nn.Module):
@@ -141,8 +152,8 @@ class _Context:
     def mask(self, segments: Segments, dtype: torch.dtype) -> torch.Tensor | None:
         """The chosen layers' mask for this call, built once (every chosen layer holds the same parts).
         None when nothing needs masking (one new token, no padding): SDPA then takes its fastest path."""
-        before = {p: segments.valid[p] for p in segments.parts()}
-        key = tuple((p, t.shape[1]) for p, t in before.items())
+        before = {p: segments.part_valid(p) for p in segments.parts()}
+        key = tuple(segments.widths.items())
         if key not in self._masks:
             if self.new_valid.shape[1] == 1 and all(bool(t.all()) for t in (self.new_valid, *before.values())):
                 self._masks[key] = None
@@ -234,31 +245,26 @@ class LyraMechanism(Mechanism):
         if self.part is None:
             return
         for seg in self.segments.values():
-            if self.history_window > 0 and "turn" in seg.k:  # ablation: keep recent history visible
-                self._slide_window(seg)
-            seg.drop("turn")
+            if "persona" not in seg.widths:
+                continue
+            k, v, valid = seg.keep_first("persona")  # the old window and turn are cut off
+            if self.history_window > 0 and valid.shape[1]:
+                # Ablation: keep the last N history tokens visible. Their keys keep the turn-frame positions
+                # they were rotated at (re-rotating needs each token's rotation delta); see the README note.
+                n = self.history_window
+                seg.append("window", k[:, :, -n:], v[:, :, -n:], valid[:, -n:])
         self.counts.pop("turn", None)
         self.part = "turn"
 
-    def _slide_window(self, seg: Segments) -> None:
-        # Window keys were rotated at their turn-frame positions; re-rotating them to their new window
-        # positions would need the rotation delta per token. We keep it simple and honest: the window
-        # holds the last N tokens' keys as they were (positions after the persona); see the ablation note.
-        seg.append("window", seg.k["turn"], seg.v["turn"], seg.valid["turn"])
-        for d in (seg.k, seg.v):
-            d["window"] = d["window"][:, :, -self.history_window:]
-        seg.valid["window"] = seg.valid["window"][:, -self.history_window:]
-
     def snapshot(self) -> Any:
-        return ({i: Segments(dict(s.k), dict(s.v), dict(s.valid), s.joined) for i, s in self.segments.items()},
+        return ({i: Segments(s.k, s.v, s.valid, dict(s.widths)) for i, s in self.segments.items()},
                 dict(self.counts), self.part)
 
     def restore(self, state: Any) -> None:
         self.segments, self.counts, self.part = state
 
     def select_rows(self, index: torch.Tensor) -> None:
-        self.segments = {i: Segments({p: t[index] for p, t in s.k.items()}, {p: t[index] for p, t in s.v.items()},
-                                     {p: t[index] for p, t in s.valid.items()}) for i, s in self.segments.items()}
+        self.segments = {i: s.select(index) for i, s in self.segments.items()}
         self.counts = {p: c[index] for p, c in self.counts.items()}
 
     def memory_tokens(self) -> int:
@@ -298,8 +304,8 @@ class LyraMechanism(Mechanism):
         positions = (start[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
         self.counts[self.part] = self.counts.get(self.part, zero) + valid.long().sum(1)
         if self.part == "turn" and self.history_window > 0:
-            seen = min(self.history_window, max((s.valid["window"].shape[1] for s in self.segments.values()
-                                                  if "window" in s.valid), default=0))
+            seen = min(self.history_window, max((s.widths.get("window", 0) for s in self.segments.values()),
+                                                default=0))
             self.counts["window"] = torch.full_like(zero, seen)
         return _Context(self, positions, valid, part=self.part)
 
