@@ -1,7 +1,5 @@
 """Every config composes, and the entry points answer --help."""
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 
