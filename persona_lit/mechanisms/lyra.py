@@ -152,9 +152,9 @@ class _Context:
     def mask(self, segments: Segments, dtype: torch.dtype) -> torch.Tensor | None:
         """The chosen layers' mask for this call, built once (every chosen layer holds the same parts).
         None when nothing needs masking (one new token, no padding): SDPA then takes its fastest path."""
-        before = {p: segments.part_valid(p) for p in segments.parts()}
         key = tuple(segments.widths.items())
         if key not in self._masks:
+            before = {p: segments.part_valid(p) for p in segments.parts()}
             if self.new_valid.shape[1] == 1 and all(bool(t.all()) for t in (self.new_valid, *before.values())):
                 self._masks[key] = None
             else:
