@@ -95,7 +95,7 @@ class ConversationRunner(Probing):
         self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
         self.min_new_tokens = min_new_tokens  # benchmarks: equal work per turn (the end token is held back)
         self.probe_batch = max(1, int(probe_batch))  # rows per forked forward (bounds the copied caches)
-        self.references: dict[str, torch.Tensor] = {}  # capability: base-model log-probs per exchange
+        self.references: dict[tuple, torch.Tensor] = {}  # capability: base-model log-probs per exchange
 
     @property
     def device(self) -> torch.device:
