@@ -85,7 +85,7 @@ def test_cached_decoding_equals_full_recomputation_with_the_turn_mask(backbone_f
     assert not torch.allclose(plain, full, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("name", MODELS)
 def test_batched_with_padding_equals_one_at_a_time(backbone_factory, name):
     # Gemma's sliding window counts padded slots inside a history (transformers' behaviour, the base model
     # differs batched vs alone too), so the window is widened here to test Lyra's own padding handling.
@@ -123,11 +123,13 @@ def test_batched_with_padding_equals_one_at_a_time(backbone_factory, name):
     batched = run(chunks)
     for i, c in enumerate(chunks):
         alone = run([c])[0]
-        assert torch.allclose(batched[i], alone, atol=1e-4, rtol=1e-4), (i, (batched[i] - alone).abs().max())
+        tol = 1e-3 if name == "gemma3-270m" else 1e-4  # real logits are ~30 in size; float32 batched matmuls
+        assert torch.allclose(batched[i], alone, atol=tol, rtol=1e-4), (i, (batched[i] - alone).abs().max())
 
 
-def test_chosen_layers_memory_stays_constant_while_the_cache_grows(backbone_factory):
-    bb = backbone_factory("tiny-gemma3")
+@pytest.mark.parametrize("name", ["tiny-gemma3", pytest.param("gemma3-270m", marks=pytest.mark.slow)])
+def test_chosen_layers_memory_stays_constant_while_the_cache_grows(backbone_factory, name):
+    bb = backbone_factory(name)
     model, mech = lyra(bb)
     runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=4)
     conv = runner.start(load_persona("stoic"))
@@ -146,8 +148,9 @@ def test_chosen_layers_memory_stays_constant_while_the_cache_grows(backbone_fact
             assert layer.keys.numel() == 0 and layer.keys.shape[-2] == history[-1]
 
 
-def test_persona_cache_file_roundtrip_without_pickle(backbone_factory, tmp_path):
-    bb = backbone_factory("tiny-llama")
+@pytest.mark.parametrize("name", ["tiny-llama", pytest.param("gemma3-270m", marks=pytest.mark.slow)])
+def test_persona_cache_file_roundtrip_without_pickle(backbone_factory, tmp_path, name):
+    bb = backbone_factory(name)
     model, mech = lyra(bb)
     runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=6)
     persona = load_persona("joyful_writer")
