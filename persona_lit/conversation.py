@@ -79,10 +79,6 @@ class Conversation:
         if self.cache is not None:
             other.cache = copy.deepcopy(self.cache)
             other.cache.batch_select_indices(index.to(device))
-            for layer in getattr(other.cache, "layers", []):  # transformers skips empty layers, but Lyra's
-                keys = getattr(layer, "keys", None)          # chosen layers hold zero-width entries there
-                if keys is not None and keys.numel() == 0 and keys.shape[0] != len(index):
-                    layer.keys, layer.values = keys[index.to(device)], layer.values[index.to(device)]
         return other
 
 

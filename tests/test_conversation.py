@@ -64,7 +64,8 @@ def mechanism_for(bb, kind):
 
     if kind == "none":
         return bb.model, NoMechanism()
-    options = {"layers": [1, 3]} if kind == "lyra" else {"memory_tokens": 24}
+    kind, _, layers = kind.partition(":")  # lyra:0,2 = Lyra on layers 0 and 2
+    options = {"layers": [int(i) for i in layers.split(",")]} if kind == "lyra" else {"memory_tokens": 24}
     model, mech = attach_mechanism(bb, OmegaConf.create({"name": kind, "options": options}))
     if kind == "triplet":
         perturb(model, gate=2.0)  # the branch on, so its memory matters
@@ -83,7 +84,7 @@ class EarlyEndRunner(ConversationRunner):
         return torch.where(self.lengths % 7 == 0, self.chat.end_id, logits.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", ["none", "lyra", "triplet"])
+@pytest.mark.parametrize("kind", ["none", "lyra:1,3", "lyra:0", "lyra:3", "lyra:0,1,2,3", "triplet"])
 def test_batched_conversations_and_probes_equal_one_at_a_time(backbone_factory, kind):
     """Three conversations of different lengths as one padded batch, probes 2 rows at a time, against
     each conversation alone with one probe row at a time: same answers, verdicts, margins, capability."""

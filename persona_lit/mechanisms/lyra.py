@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -27,6 +26,7 @@ from torch import nn
 from persona_lit.backbones import decoder_layers, global_layers, layer_types
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
+from persona_lit.mechanisms.lyra_segments import SegmentCache, Segments, last_real, rotate
 
 
 def default_layers(model: nn.Module) -> list[int]:
@@ -39,70 +39,16 @@ def default_layers(model: nn.Module) -> list[int]:
     return sorted({i for i in range(n) if (i + 1) % 6 == 0} | {n - 1})
 
 
-@dataclass
-class Segments:
-    """Keys/values of one chosen layer, stored joined in the order persona, window, current turn: k and v
-    [B, kv_heads, N, d], valid [B, N], and each part's width. Only the last part grows, so a decoding
-    step is one cat, as in a plain KV cache. Tensors are replaced, never changed in place: a snapshot
-    is a shallow copy."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-    widths: dict[str, int] = field(default_factory=dict)  # in order: persona, window, turn
-
-    def parts(self) -> list[str]:
-        return list(self.widths)
-
-    def part_valid(self, part: str) -> torch.Tensor:
-        start = 0
-        for p, w in self.widths.items():
-            if p == part:
-                return self.valid[:, start : start + w]
-            start += w
-        raise KeyError(part)
-
-    def append(self, part: str, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        if self.widths and part in self.widths and list(self.widths)[-1] != part:
-            raise ValueError(f"lyra: only the last part grows, not {part!r}")
-        if self.k is None:
-            self.k, self.v, self.valid = k, v, valid
-        else:
-            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
-            self.valid = torch.cat([self.valid, valid], 1)
-        self.widths = {**self.widths, part: self.widths.get(part, 0) + k.shape[2]}
-
-    def keep_first(self, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keeps the parts up to and including `part`; returns (k, v, valid) of what was cut off."""
-        names = list(self.widths)
-        width = sum(self.widths[p] for p in names[: names.index(part) + 1])
-        cut = (self.k[:, :, width:], self.v[:, :, width:], self.valid[:, width:])
-        self.k, self.v, self.valid = self.k[:, :, :width], self.v[:, :, :width], self.valid[:, :width]
-        self.widths = {p: self.widths[p] for p in names[: names.index(part) + 1]}
-        return cut
-
-    def select(self, index: torch.Tensor) -> "Segments":
-        if self.k is None:
-            return Segments()
-        return Segments(self.k[index], self.v[index], self.valid[index], dict(self.widths))
-
-    def tokens(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-
-class _SegmentCache:
-    """Stands in for the KV cache inside a chosen layer: stores the new keys/values in the current part
-    and returns the keys/values the layer may attend to. The model's own cache gets zero-width entries
-    so its length bookkeeping (positions, masks of the other layers) stays right at no memory cost."""
-
-    def __init__(self, segments: Segments, part: str, valid: torch.Tensor, real_cache: Any):
-        self.segments, self.part, self.valid, self.real_cache = segments, part, valid, real_cache
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.real_cache is not None:
-            self.real_cache.update(k[..., :0], v[..., :0], layer_idx, *args, **kwargs)
-        self.segments.append(self.part, k, v, self.valid)
-        return self.segments.k, self.segments.v
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy whose parameters are non-persistent buffers: it moves with the model (.to(device/dtype)),
+    trains never, and stays out of state dicts and checkpoints."""
+    clone = copy.deepcopy(module)
+    for sub in clone.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                del sub._parameters[name]
+                sub.register_buffer(name, p.detach().clone(), persistent=False)
+    return clone
 
 
 class LyraAttention(nn.Module):
@@ -112,24 +58,24 @@ class LyraAttention(nn.Module):
         self.base, self.layer_idx, self.layer_type = base, layer_idx, layer_type
         self._mechanism = [mechanism]  # a list: not registered as a submodule
         # When the layer trains, disabled() must still be the base model (the control arm, the distillation
-        # teacher): a frozen copy of the original weights, kept out of the state dict and the checkpoint.
-        self._original = [copy.deepcopy(base).requires_grad_(False)] if keep_original else []
+        # teacher): a frozen copy of the original weights, registered (it moves with the model) but as
+        # non-persistent buffers, out of the parameters, the state dict and the checkpoint.
+        self.lyra_original = frozen_copy(base) if keep_original else None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         mechanism = self._mechanism[0]
         ctx = mechanism.ctx
         if ctx is None:  # disabled, or no conversation/segments: the layer as it is (the original if disabled)
-            layer = self.base
-            if mechanism._disabled and self._original:
-                layer = self._original[0] = self._original[0].to(hidden_states.device)
+            layer = self.lyra_original if mechanism._disabled and self.lyra_original is not None else self.base
             return layer(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         cos_sin = ctx.rope(self.layer_type, hidden_states)
         if ctx.train_mask is not None:
-            mask = ctx.format_mask(ctx.train_mask, hidden_states.dtype)
-            return self.base(hidden_states, cos_sin, mask, None, **kwargs)
+            return self.base(hidden_states, cos_sin, ctx.training_mask(self.layer_type, hidden_states.dtype), None,
+                             **kwargs)
         segments = ctx.mechanism.segments.setdefault(self.layer_idx, Segments())
-        store = _SegmentCache(segments, ctx.part, ctx.new_valid, past_key_values)
-        return self.base(hidden_states, cos_sin, ctx.mask(segments, hidden_states.dtype), store, **kwargs)
+        mask = ctx.mask(segments, self.layer_type, hidden_states.dtype)
+        store = SegmentCache(segments, ctx.part, ctx.new_valid, ctx.positions, past_key_values)
+        return self.base(hidden_states, cos_sin, mask, store, **kwargs)
 
 
 class _Context:
@@ -144,39 +90,49 @@ class _Context:
 
     def rope(self, layer_type: str, hidden: torch.Tensor):
         if layer_type not in self._rope:
-            rotary = self.mechanism.rotary
-            args = (hidden, self.positions) + ((layer_type,) if self.mechanism.rotary_takes_type else ())
-            self._rope[layer_type] = rotary(*args)
+            self._rope[layer_type] = self.mechanism.rope(layer_type, hidden, self.positions)
         return self._rope[layer_type]
 
-    def mask(self, segments: Segments, dtype: torch.dtype) -> torch.Tensor | None:
-        """The chosen layers' mask for this call, built once (every chosen layer holds the same parts).
-        None when nothing needs masking (one new token, no padding): SDPA then takes its fastest path."""
-        key = tuple(segments.widths.items())
-        if key not in self._masks:
-            before = {p: segments.part_valid(p) for p in segments.parts()}
-            if self.new_valid.shape[1] == 1 and all(bool(t.all()) for t in (self.new_valid, *before.values())):
-                self._masks[key] = None
-            else:
-                self._masks[key] = self.format_mask(self.segment_mask(before), dtype)
+    def window(self, layer_type: str) -> int | None:
+        return self.mechanism.sliding_window if layer_type == "sliding_attention" else None
+
+    def mask(self, segments: Segments, layer_type: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The chosen layers' mask for this call, built once per layer type (every chosen layer holds the same
+        keys): every valid key stored before this call, the new tokens causally, and always oneself (so padded
+        rows stay finite); on a sliding layer only keys less than the window behind in Lyra's frame. None
+        when nothing needs masking (one new token, no padding, within the window): SDPA's fastest path."""
+        window = self.window(layer_type)
+        key = (tuple(segments.widths.items()), window)
+        if key in self._masks:
+            return self._masks[key]
+        old_valid = segments.valid if segments.valid is not None else self.new_valid[:, :0]
+        old_pos = segments.pos if segments.pos is not None else self.positions[:, :0]
+        q = self.new_valid.shape[1]
+        if q == 1 and bool(self.new_valid.all()) and bool(old_valid.all()) and (
+                window is None or old_valid.shape[1] < window):
+            self._masks[key] = None
+            return None
+        device = old_valid.device
+        causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=device))
+        eye = torch.eye(q, dtype=torch.bool, device=device)
+        allowed = torch.cat([old_valid[:, None, :].expand(-1, q, -1), self.new_valid[:, None, :] & causal], 2)
+        if window is not None:
+            key_pos = torch.cat([old_pos, self.positions], 1)
+            allowed &= (self.positions[:, :, None] - key_pos[:, None, :]) < window
+        allowed[:, :, old_valid.shape[1]:] |= eye
+        self._masks[key] = self.format_mask(allowed[:, None], dtype)
         return self._masks[key]
 
-    def segment_mask(self, before: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, 1, q, K]: every valid persona/window key, the current part causally, and always oneself
-        (so padded rows stay finite)."""
-        q = self.new_valid.shape[1]
-        parts = [p for p in ("persona", "window", "turn") if p in before or p == self.part]
-        cols = []
-        for p in parts:
-            old = before.get(p, self.new_valid[:, :0])
-            old_cols = old[:, None, :].expand(-1, q, -1)
-            if p != self.part:
-                cols.append(old_cols)
-                continue
-            causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=old.device))
-            new_cols = (self.new_valid[:, None, :] & causal) | torch.eye(q, dtype=torch.bool, device=old.device)
-            cols += [old_cols, new_cols]
-        return torch.cat(cols, dim=2)[:, None]
+    def training_mask(self, layer_type: str, dtype: torch.dtype) -> torch.Tensor:
+        window = self.window(layer_type)
+        if window not in self._masks:
+            allowed = self.train_mask
+            if window is not None:
+                t = allowed.shape[-1]
+                near = (self.positions[:, :, None] - self.positions[:, None, :]) < window
+                allowed = allowed & (near | torch.eye(t, dtype=torch.bool, device=near.device))[:, None]
+            self._masks[window] = self.format_mask(allowed, dtype)
+        return self._masks[window]
 
     def format_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.mechanism.attn_implementation == "eager":  # additive float mask
@@ -187,6 +143,7 @@ class _Context:
 class LyraMechanism(Mechanism):
     name = "lyra"
     uses_segments = True
+    ATTENTION = ("eager", "sdpa")  # implementations that read the masks Lyra builds
 
     def __init__(self, layers: list[int] | None = None, train_layers: bool = False, history_window: int = 0,
                  lora_r: int = 0, lora_alpha: int | None = None):
@@ -196,6 +153,8 @@ class LyraMechanism(Mechanism):
         if self.lora_r and not train_layers:
             raise UserError(f"mechanism.options.lora_r={lora_r}: a LoRA on the chosen layers needs "
                             "mechanism.options.train_layers=true")
+        if self.history_window < 0:
+            raise UserError(f"mechanism.options.history_window={history_window}: need an integer >= 0")
         self.segments: dict[int, Segments] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self.part: str | None = None  # "persona", then "turn"; None outside a conversation
@@ -203,15 +162,22 @@ class LyraMechanism(Mechanism):
         self.ctx: _Context | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:
+        self.attn_implementation = model.config._attn_implementation
+        if self.attn_implementation not in self.ATTENTION:
+            raise UserError(f"mechanism=lyra: model.attn_implementation={self.attn_implementation!r} cannot read "
+                            f"Lyra's attention masks; allowed: {', '.join(self.ATTENTION)}")
         model.requires_grad_(False)
         layers = decoder_layers(model)
-        self.layers = self.layers if self.layers is not None else default_layers(model)
+        self.layers = sorted(set(self.layers)) if self.layers is not None else default_layers(model)
         bad = [i for i in self.layers if not 0 <= i < len(layers)]
         if bad or not self.layers:
             raise UserError(f"mechanism.options.layers={self.layers}: need layer indices in 0..{len(layers) - 1}")
-        types = layer_types(model)
+        self.layer_types = layer_types(model)
+        config = getattr(model.config, "text_config", None) or model.config
+        self.sliding_window = getattr(config, "sliding_window", None)
         for i in self.layers:
-            wrapped = LyraAttention(layers[i].self_attn, self, i, types[i], keep_original=self.train_layers)
+            wrapped = LyraAttention(layers[i].self_attn, self, i, self.layer_types[i],
+                                    keep_original=self.train_layers)
             layers[i].self_attn = wrapped
             if self.train_layers and not self.lora_r:
                 wrapped.base.requires_grad_(True)
@@ -220,7 +186,6 @@ class LyraMechanism(Mechanism):
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.rotary = inner.rotary_emb
         self.rotary_takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        self.attn_implementation = model.config._attn_implementation
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(lambda *a: setattr(self, "ctx", None))
         return super().attach(model)
@@ -237,35 +202,53 @@ class LyraMechanism(Mechanism):
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
 
+    def rope(self, layer_type: str, hidden: torch.Tensor, positions: torch.Tensor):
+        """(cos, sin) of the model's own rotary embedding at `positions` for this layer type."""
+        args = (hidden, positions) + ((layer_type,) if self.rotary_takes_type else ())
+        return self.rotary(*args)
+
     # conversation state -------------------------------------------------------------------------
     def begin_conversation(self, persona=None) -> None:
         self.segments, self.counts, self.part, self.persona_ids = {}, {}, "persona", []
 
     def begin_turn(self) -> None:
+        """Drops the last turn from the chosen layers. With history_window=N (an ablation), the last N real
+        history tokens stay visible as a window between persona and turn, re-rotated to the frame positions
+        P..P+n-1 right after the persona (P persona tokens, n <= N window tokens in that row), so the turn
+        reads them as the tokens just before it, exactly as if they had been computed there."""
         if self.part is None:
             return
-        for seg in self.segments.values():
+        for i, seg in self.segments.items():
             if "persona" not in seg.widths:
                 continue
-            k, v, valid = seg.keep_first("persona")  # the old window and turn are cut off
-            if self.history_window > 0 and valid.shape[1]:
-                # Ablation: keep the last N history tokens visible. Their keys keep the turn-frame positions
-                # they were rotated at (re-rotating needs each token's rotation delta); see the README note.
-                n = self.history_window
-                seg.append("window", k[:, :, -n:], v[:, :, -n:], valid[:, -n:])
+            cut = seg.keep_first("persona")  # the old window and turn are cut off
+            if self.history_window > 0:
+                k, v, valid, old = last_real(*cut, self.history_window)
+                persona = self.counts["persona"].to(valid.device)
+                new = persona[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+                seg.append("window", self._rerotate(i, k, new - old), v, valid, new)
+                self.counts["window"] = valid.long().sum(1)
         self.counts.pop("turn", None)
         self.part = "turn"
 
+    def _rerotate(self, layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys rotated at position p, rotated on by delta: R(delta) R(p) = R(p + delta). The embedding's
+        cos/sin carry its attention scaling factor (1 for default, linear and llama3 RoPE), divided out
+        here so that it is applied once, as at p + delta."""
+        zero = torch.zeros_like(delta[:, :1])
+        cos, sin = self.rope(self.layer_types[layer], k.float(), torch.cat([delta, zero], 1))
+        scale = cos[:, -1:, :1]  # cos(0) * scaling
+        return rotate(k.float(), cos[:, :-1].float() / scale, sin[:, :-1].float() / scale).to(k.dtype)
+
     def snapshot(self) -> Any:
-        return ({i: Segments(s.k, s.v, s.valid, dict(s.widths)) for i, s in self.segments.items()},
-                dict(self.counts), self.part)
+        return {i: s.copy() for i, s in self.segments.items()}, dict(self.counts), self.part
 
     def restore(self, state: Any) -> None:
         self.segments, self.counts, self.part = state
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.segments = {i: s.select(index) for i, s in self.segments.items()}
-        self.counts = {p: c[index] for p, c in self.counts.items()}
+        self.counts = {p: c[index.to(c.device)] for p, c in self.counts.items()}
 
     def memory_tokens(self) -> int:
         """Keys held by the chosen layers (persona + window + current turn), summed over layers."""
@@ -295,6 +278,7 @@ class LyraMechanism(Mechanism):
         return args, kwargs
 
     def _inference_context(self, valid: torch.Tensor, ids: torch.Tensor | None) -> _Context:
+        """Frame positions: persona tokens 0..P-1; in a turn, P + window + the turn's real tokens so far."""
         zero = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
         start = self.counts.get("persona", zero)
         if self.part == "turn":
@@ -303,10 +287,6 @@ class LyraMechanism(Mechanism):
             self.persona_ids.append(ids.detach().cpu())
         positions = (start[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
         self.counts[self.part] = self.counts.get(self.part, zero) + valid.long().sum(1)
-        if self.part == "turn" and self.history_window > 0:
-            seen = min(self.history_window, max((s.widths.get("window", 0) for s in self.segments.values()),
-                                                default=0))
-            self.counts["window"] = torch.full_like(zero, seen)
         return _Context(self, positions, valid, part=self.part)
 
     def _training_context(self, seg: torch.Tensor, valid: torch.Tensor) -> _Context:
