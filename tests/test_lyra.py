@@ -301,6 +301,72 @@ def test_history_window_ablation_holds_the_last_n_history_tokens(backbone_factor
     assert not torch.allclose(outs[0], outs[12], atol=1e-4)  # the window reached the chosen layers
 
 
+@pytest.mark.parametrize("name,layers", [("tiny-llama", [0]), ("tiny-llama", [0, 2]), ("tiny-gemma3", [0, 2])])
+def test_history_window_keys_are_rerotated_to_sit_right_after_the_persona(backbone_factory, name, layers):
+    """Layer 0's keys/values depend only on the token and its position, so after begin_turn() the window
+    (the last N real history tokens of each row, batched with padding) followed by the new turn must hold
+    exactly the keys of those tokens fed fresh at positions P, P+1, ... right after the persona."""
+    bb = backbone_factory(name, **({"tiny.sliding_window": 4096} if name == "tiny-gemma3" else {}))
+    model, mech = lyra(bb, layers=layers, history_window=7)
+    runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=5)
+    persona = load_persona("stoic")
+    conv = runner.start(persona, rows=2)
+    for texts in (["Hi.", "Tell me about the tallest volcanoes on Earth."], ["And glaciers, please?", "Why?"]):
+        runner.say(conv, texts)
+    before = [conv.row_ids(b) for b in range(2)]
+    runner.say(conv, ["Which is older?", "Name one more, and say why it matters."])
+    p_len = len(bb.chat.persona_ids(persona.system_prompt))
+    seg = mech.segments[0]
+    assert list(seg.widths) == ["persona", "window", "turn"]
+    for b in range(2):
+        fresh = before[b][-7:] + conv.row_ids(b)[len(before[b]):]  # window tokens, then this turn's
+        _, fresh_mech = lyra(backbone_factory(name, **({"tiny.sliding_window": 4096} if name == "tiny-gemma3"
+                                                       else {})), layers=layers)
+        fresh_model = fresh_mech.model
+        fresh_mech.begin_conversation(None)
+        with torch.no_grad():
+            out = fresh_model(input_ids=torch.tensor([bb.chat.persona_ids(persona.system_prompt)]), use_cache=True)
+            fresh_mech.begin_turn()
+            fresh_model(input_ids=torch.tensor([fresh]), past_key_values=out.past_key_values, use_cache=True,
+                        attention_mask=torch.ones(1, p_len + len(fresh), dtype=torch.long))
+        want = fresh_mech.segments[0]
+        real = seg.valid[b]
+        assert int(real.sum()) == p_len + len(fresh)
+        assert torch.allclose(seg.k[b][:, real], want.k[0], atol=1e-5), (seg.k[b][:, real] - want.k[0]).abs().max()
+        assert torch.allclose(seg.v[b][:, real], want.v[0], atol=1e-6)
+        assert seg.pos[b][real].tolist() == list(range(p_len + len(fresh)))
+
+
+def test_frozen_original_moves_with_the_model_and_stays_out_of_checkpoints(backbone_factory):
+    """train_layers keeps the original attention for disabled(): registered (so .to(dtype) reaches it), but as
+    non-persistent buffers: not a parameter, not in the state dict, not in the exported checkpoint."""
+    from persona_lit.checkpoint import trainable_state
+
+    base, bb = backbone_factory("tiny-llama"), backbone_factory("tiny-llama")
+    model, mech = lyra(bb, train_layers=True)
+    assert not any("lyra_original" in k for k in model.state_dict())
+    assert not any("lyra_original" in n for n, _ in model.named_parameters())
+    assert not any("lyra_original" in k for k in trainable_state(model))
+    with torch.no_grad():
+        for p in mech.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.to(torch.bfloat16)
+    originals = [b for n, b in model.named_buffers() if "lyra_original" in n]
+    assert originals and all(b.dtype == torch.bfloat16 for b in originals)
+    ids = torch.tensor([bb.chat.encode([{"role": "user", "content": "hello there"}] * 2)[0]])
+    with torch.no_grad(), mech.disabled():
+        assert torch.equal(model(input_ids=ids).logits, base.model.to(torch.bfloat16)(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
+def test_attention_implementations_that_cannot_read_lyras_mask_are_rejected(backbone_factory, attn):
+    bb = backbone_factory("tiny-llama")
+    bb.model.config._attn_implementation = attn
+    with pytest.raises(UserError, match=f"model.attn_implementation='{attn}' cannot read Lyra's attention masks; "
+                                        "allowed: eager, sdpa"):
+        lyra(bb)
+
+
 @pytest.mark.parametrize("name,layers,attn", CASES, ids=case_ids)
 def test_conversation_runner_answers_are_the_greedy_answers_of_full_recomputation(backbone_factory, name, layers,
                                                                                    attn):
