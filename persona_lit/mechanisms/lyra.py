@@ -10,6 +10,8 @@ How it hooks in, without copying modeling code: each chosen `self_attn` is wrapp
 attention mask, and (c) a small segment store in place of the KV cache, whose `update()` returns
 [persona ; current turn] keys/values. A forward pre-hook on the model reads the 2-D attention mask (and,
 in training, the collator's `segment_ids`) once per call and works out each new token's frame position.
+A chosen sliding-window layer (Gemma-3) applies its window in that frame. Its entry in the model's own
+cache is zero-width but reports its length (lyra_segments.py), so any layer set, layer 0 included, is exact.
 """
 
 from __future__ import annotations
