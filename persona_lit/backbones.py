@@ -131,14 +131,26 @@ def _quantization(cfg: Any):
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Architecture plus a sample of the embedding weights: tells two base models apart cheaply."""
+    """Architecture plus a sample of the embedding weights: tells two base models apart cheaply.
+
+    Computed by load_backbone on the weights as loaded (the model config's dtype), before evaluation
+    moves or casts the model (`precision`), so a checkpoint trained in fp32 still matches when it is
+    evaluated in bf16. The sample is copied to the CPU as fp32 first: any device, any float dtype."""
     config = model.config.to_dict()
     arch = {k: config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
     emb = model.get_input_embeddings().weight
-    sample = emb.detach()[:: max(1, emb.shape[0] // 64), :16].float().contiguous()
+    sample = emb.detach()[:: max(1, emb.shape[0] // 64), :16].to(device="cpu", dtype=torch.float32).contiguous()
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
     h.update(sample.numpy().round(4).tobytes())
     return h.hexdigest()[:16]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings (the first of a sharded model)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,8 +161,10 @@ def _cached_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_backbone(cfg: Any) -> Backbone:
-    """cfg is the `model` config group (see conf/model/)."""
+def load_backbone(cfg: Any, device: torch.device | str | None = None) -> Backbone:
+    """cfg is the `model` config group (see conf/model/). The model stays where `from_pretrained` puts it
+    (the CPU), except that a quantized model is loaded by bitsandbytes onto `device` when that is a GPU;
+    evaluation then places everything else explicitly (build.place)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, cfg.get("dtype") or "float32")
@@ -173,6 +187,9 @@ def load_backbone(cfg: Any) -> Backbone:
         quant = _quantization(cfg)
         if quant is not None:
             kwargs["quantization_config"] = quant
+            if device is not None and torch.device(device).type == "cuda":  # bitsandbytes places it: never .to()
+                index = torch.device(device).index
+                kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device() if index is None else index}"}
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from persona_lit.backbones import input_device
 from persona_lit.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.personas import Persona, Probe
@@ -95,7 +96,9 @@ class ConversationRunner(Probing):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where every tensor given to the model goes. The token bookkeeping (Conversation.tokens/mask,
+        decoded tokens, sampling) stays on the CPU; forward_new moves the slots it feeds."""
+        return input_device(self.model)
 
     def _cached(self, conv: Conversation) -> int:
         return 0 if conv.cache is None else conv.cache.get_seq_length()

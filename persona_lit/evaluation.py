@@ -12,23 +12,26 @@ import torch
 from omegaconf import DictConfig
 
 from persona_lit.backbones import load_backbone
-from persona_lit.build import attach_mechanism, plain, require_writable, resolve_persona, restore
+from persona_lit.build import (attach_mechanism, place, plain, require_writable, resolve_device, resolve_persona,
+                               resolve_precision, restore)
 from persona_lit.conversation import ConversationRunner
 from persona_lit.drift import merge, run_protocol, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges
 from persona_lit.errors import UserError
+from persona_lit.evaluation_dist import launch, resolve_placement
 from persona_lit.judge import Judge, check_judge, judge_arm
 from persona_lit.loggers import make_logger
 from persona_lit.report import compare_runs, write_report
 
 
-def _load(cfg: DictConfig):
+def _load(cfg: DictConfig, device: torch.device):
+    """The model and its mechanism, on the CPU as loaded (a quantized one already on `device`)."""
     if cfg.ckpt:
-        backbone, model, mechanism, persona, config = restore(str(cfg.ckpt))
+        backbone, model, mechanism, persona, config = restore(str(cfg.ckpt), device=device)
         if cfg.persona:
             persona = resolve_persona(cfg.persona)
         return backbone, model, mechanism, persona, config
-    backbone = load_backbone(cfg.model)
+    backbone = load_backbone(cfg.model, device=device)
     model, mechanism = attach_mechanism(backbone, cfg.mechanism)
     persona = resolve_persona(cfg.persona or "pirate_mentor")
     return backbone, model.eval(), mechanism, persona, {"model": plain(cfg.model), "mechanism": plain(cfg.mechanism)}
@@ -44,7 +47,8 @@ def _with_probe_kinds(persona, kinds):
     return dataclasses.replace(persona, probes=kept)
 
 
-def evaluate(cfg: DictConfig) -> Path:
+def evaluate(cfg: DictConfig) -> Path | None:
+    """Writes the evaluation to cfg.out_dir and returns it (None on the ranks > 0 of devices > 1)."""
     out_dir = Path(cfg.out_dir)
     require_writable(out_dir, "out_dir")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -58,7 +62,6 @@ def evaluate(cfg: DictConfig) -> Path:
             raise
         print(f"persona_lit: comparison written to {out_dir} ({', '.join(written)})")
         return out_dir
-    probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
     turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
                               list(cfg.exclude_categories))
     turns.setup("predict")  # bad data fails here, before the model loads
@@ -72,7 +75,24 @@ def evaluate(cfg: DictConfig) -> Path:
         judge = Judge(str(cfg.judge.url), str(cfg.judge.model), cfg.judge.api_key_env, float(cfg.judge.timeout_s))
         check_judge(judge)
     chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
-    backbone, model, mechanism, persona, config = _load(cfg)
+    devices, accelerator = resolve_placement(cfg.device, cfg.devices, cfg.accelerator)
+    device = resolve_device(accelerator if accelerator and devices == 1 else cfg.device)
+    resolve_precision(cfg.precision, device)  # a bad value fails here, before any process starts
+    shards = launch(devices, accelerator) if devices > 1 else None  # every check above runs on every rank
+    try:
+        return _run(cfg, out_dir, turns, judge, chosen, shards.device if shards else device, shards)
+    finally:
+        if shards is not None:
+            shards.close()
+
+
+def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge | None, chosen, device, shards):
+    """Load, place, run the protocol (on this rank's share of the conversations), report (on rank 0)."""
+    main = shards is None or shards.is_main
+    probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
+    precision, dtype = resolve_precision(cfg.precision, device)
+    backbone, model, mechanism, persona, config = _load(cfg, device)
+    precision = place(model, mechanism, device, dtype)
     personas = [_with_probe_kinds(p, cfg.probe_kinds) for p in chosen or [persona]]
     torch.manual_seed(int(cfg.seed or 0))
     asked = {t.question_id for stream in turns.streams for t in stream}
@@ -80,11 +100,19 @@ def evaluate(cfg: DictConfig) -> Path:
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature),
                                 probe_batch=int(cfg.probe_batch))
+    streams = shards.share(turns.streams) if shards else turns.streams
     by_persona = {}
     for persona in personas:
-        by_persona[persona.key] = run_protocol(runner, persona, turns.streams, probe_turns, control=bool(cfg.control),
+        by_persona[persona.key] = run_protocol(runner, persona, streams, probe_turns, control=bool(cfg.control),
                                                capability=capability, capability_tokens=int(cfg.capability_tokens),
-                                               batch=int(cfg.conversation_batch))
+                                               batch=int(cfg.conversation_batch), progress=main)
+    if shards is not None:  # every rank's conversations, in their original order, on rank 0
+        gathered = shards.gather(list(by_persona.values()), len(turns.streams))
+        shards.close()  # done with the other ranks: nothing below (torchmetrics' compute) may sync with them
+        if not main:
+            return None
+        by_persona = dict(zip(by_persona, gathered))
+    for persona in personas:
         if judge is not None:
             for arm in (by_persona[persona.key].persona_arm, by_persona[persona.key].control_arm):
                 judge_arm(judge, persona.system_prompt, arm)
@@ -93,7 +121,9 @@ def evaluate(cfg: DictConfig) -> Path:
         "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name,
                 "persona": ", ".join(p.name for p in personas), "personas": list(by_persona),
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
-                "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens)},
+                "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens),
+                "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
+                "precision": precision},
         **summarize(protocol, probe_turns, cfg.projection_layer),
         "config": config,
     }
