@@ -76,7 +76,8 @@ def evaluate(cfg: DictConfig) -> Path | None:
         check_judge(judge)
     chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
     devices, accelerator = resolve_placement(cfg.device, cfg.devices, cfg.accelerator)
-    device = resolve_device(accelerator if accelerator and devices == 1 else cfg.device)
+    one = devices == 1 and accelerator is not None  # accelerator=cpu|cuda alone picks the device
+    device = resolve_device(accelerator if one else cfg.device, "accelerator" if one else "device")
     resolve_precision(cfg.precision, device)  # a bad value fails here, before any process starts
     shards = launch(devices, accelerator) if devices > 1 else None  # every check above runs on every rank
     try:

@@ -30,10 +30,13 @@ def test_device_values():
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the line given where there is no CUDA")
-def test_cuda_without_a_gpu_is_one_line():
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
     for value in ("cuda", "cuda:1"):
         with pytest.raises(UserError, match=rf"^device={value}: no CUDA device is available here"):
             resolve_device(value)
+    out_dir = tmp_path / "out"
+    proc = cli("evaluate.py", "model=tiny-llama", *EVAL, "accelerator=cuda", f"out_dir={out_dir}")
+    user_error(proc, "accelerator=cuda", "no CUDA device", absent=out_dir)
 
 
 def test_precision_values():
