@@ -5,8 +5,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from persona_lit.build import preflight
-from persona_lit.errors import exit_on_user_error
+try:
+    from persona_lit.build import preflight
+    from persona_lit.errors import exit_on_user_error
+except ImportError as e:  # an untested transformers/Lightning (persona_lit/versions.py): one line, exit 2
+    if type(e).__name__ != "UntestedVersionError":
+        raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
