@@ -53,11 +53,16 @@ class ExportCheckpoint(L.Callback):
 
 class DriftCallback(L.Callback):
     """Every `every_n_val_epochs` validation epochs, a short drift protocol (persona arm only, a few
-    MT-bench turns) on the model being trained; logs `drift/<metric>/turn_<t>` at the current step."""
+    MT-bench turns) on the model being trained; logs `drift/<metric>/turn_<t>` at the current step.
+    `baseline=True` adds the baseline arm (the persona as system prompt, mechanism disabled) at twice the cost.
+
+    Under DDP it runs on rank 0 alone (the other ranks wait for it in their next collective): the protocol's
+    metrics are computed rank-locally (persona_lit.drift.LOCAL, no sync on compute), so rank 0 never enters
+    a collective the other ranks do not join."""
 
     def __init__(self, chat, persona, every_n_val_epochs: int = 1, turns: int = 4, probe_turns=(0, 4),
-                 max_new_tokens: int = 32, seed: int = 0, mt_bench_path: str | None = None):
-        self.chat, self.persona, self.every = chat, persona, every_n_val_epochs
+                 max_new_tokens: int = 32, seed: int = 0, mt_bench_path: str | None = None, baseline: bool = False):
+        self.chat, self.persona, self.every, self.baseline = chat, persona, every_n_val_epochs, baseline
         self.turns, self.probe_turns, self.max_new_tokens = turns, [t for t in probe_turns if t <= turns], max_new_tokens
         self.seed, self.mt_bench_path, self._epochs = seed, mt_bench_path, 0
 
@@ -77,7 +82,8 @@ class DriftCallback(L.Callback):
         was_training = pl_module.model.training
         pl_module.model.eval()
         try:
-            result = run_protocol(runner, self.persona, [stream], self.probe_turns, control=False, progress=False)
+            result = run_protocol(runner, self.persona, [stream], self.probe_turns, control=False, progress=False,
+                                  baseline=self.baseline)
         finally:
             pl_module.model.train(was_training)
         values = {f"drift/{name}/turn_{t}": v for name, m in summarize(result, self.probe_turns)["metrics"].items()

@@ -1,8 +1,11 @@
-"""The drift protocol: persona arm and control arm over the same user turns, probes on forks, and
-every metric per turn with an interval across conversations. Used by evaluate.py (and callbacks)."""
+"""The drift protocol: persona arm (the mechanism), baseline arm (the persona as system prompt, mechanism
+disabled) and control arm (no persona) over the same user turns, probes on forks, and every metric per turn
+with an interval over conversations, clustered by persona (metrics/drift.py). Used by evaluate.py and
+callbacks."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -14,20 +17,27 @@ from persona_lit.metrics import PerTurnMean, ProbeAdherence, persona_projection
 from persona_lit.personas import Persona
 
 
+# The metrics see the complete list of records on one process (rank 0 after a gather, or the drift callback on
+# rank 0 alone): they must not enter a collective the other ranks never join.
+LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
+
+
 @dataclass
 class ProtocolResult:
     persona_arm: list[list[TurnRecord]]
     control_arm: list[list[TurnRecord]]  # same turns, no persona, mechanism disabled: the base model
     groups: list[int] = field(default_factory=list)  # persona of each conversation (merged results); [] = one
+    baseline_arm: list[list[TurnRecord]] = field(default_factory=list)  # same turns, persona, mechanism disabled
 
 
 def merge(results: Sequence[ProtocolResult]) -> ProtocolResult:
-    """Several personas' results as one: their conversations pool into every interval, while each
-    persona keeps its own projection direction."""
-    out = ProtocolResult([], [], [])
+    """Several personas' results as one: their conversations pool into every interval (clustered by persona),
+    while each persona keeps its own projection direction."""
+    out = ProtocolResult([], [], [], [])
     for g, r in enumerate(results):
         out.persona_arm += r.persona_arm
         out.control_arm += r.control_arm
+        out.baseline_arm += r.baseline_arm
         out.groups += [g] * len(r.persona_arm)
     return out
 
@@ -35,47 +45,72 @@ def merge(results: Sequence[ProtocolResult]) -> ProtocolResult:
 def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence[Sequence[Any]],
                  probe_turns: Sequence[int], control: bool = True, progress: bool = True,
                  capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
-                 batch: int = 8) -> ProtocolResult:
+                 batch: int = 8, baseline: bool = True) -> ProtocolResult:
     """Conversations run `batch` at a time (one padded batch); `capability`: (question, reference answer)
-    pairs for the capability cost (probing.py), scored at every probe turn in both arms."""
+    pairs for the capability cost (probing.py), scored at every probe turn in every arm.
+
+    Arms on the same turns: persona (the mechanism), control (no persona, mechanism disabled) and, with
+    `baseline` and a mechanism other than `none`, baseline (the persona as system prompt, mechanism disabled:
+    what `none` would do)."""
     if capability:
         runner.prepare_references(capability, capability_tokens)
-    persona_arm, control_arm = [], []
+    baseline = baseline and runner.mechanism.name != "none"  # there the persona arm is the baseline
+    persona_arm, control_arm, baseline_arm = [], [], []
     for k in range(0, len(streams), batch):
         group = streams[k : k + batch]
         where = f"{k + 1}-{k + len(group)}/{len(streams)}"
         persona_arm += runner.run(persona, group, probe_turns, progress=progress, desc=f"conversations {where}",
                                   capability=capability)
-        if control:
-            with runner.mechanism.disabled():
+        with runner.mechanism.disabled():
+            if baseline:
+                baseline_arm += runner.run(persona, group, probe_turns, progress=progress, desc=f"baseline {where}",
+                                           capability=capability)
+            if control:
                 control_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
                                           desc=f"control {where}", capability=capability)
-    for records in persona_arm + control_arm:
+    for records in persona_arm + control_arm + baseline_arm:
         for r in records:
             r.persona = persona.key  # the control arm answers the same persona's probes, without it
-    return ProtocolResult(persona_arm, control_arm)
+    return ProtocolResult(persona_arm, control_arm, [], baseline_arm)
 
 
-def _adherence(arm: list[list[TurnRecord]], probe_turns: list[int], suffix: str) -> dict[str, Any]:
-    kinds = sorted({p.kind for records in arm for r in records for p in r.probes})
-    metrics = {kind: ProbeAdherence(probe_turns) for kind in kinds}
-    for records in arm:
+def _groups(result: ProtocolResult) -> list[int]:
+    return result.groups or [0] * len(result.persona_arm)
+
+
+def _kinds(arm: list[list[TurnRecord]]) -> list[str]:
+    return sorted({p.kind for records in arm for r in records for p in r.probes})
+
+
+def _passed(r: TurnRecord, kind: str) -> list[bool]:
+    return [p.passed for p in r.probes if p.kind == kind]
+
+
+def _fraction_passed(r: TurnRecord, kind: str) -> float | None:
+    verdicts = _passed(r, kind)
+    return sum(verdicts) / len(verdicts) if verdicts else None
+
+
+def _adherence(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list[int], suffix: str) -> dict[str, Any]:
+    """Per probe kind: each conversation's fraction of probes passed at a turn, interval over conversations."""
+    metrics = {kind: ProbeAdherence(probe_turns, **LOCAL) for kind in _kinds(arm)}
+    for c, (records, g) in enumerate(zip(arm, groups)):
         for r in records:
-            for kind in kinds:
-                verdicts = [p.passed for p in r.probes if p.kind == kind]
-                if verdicts:
-                    metrics[kind].update(r.turn, verdicts)
+            if r.turn in probe_turns:
+                for kind, metric in metrics.items():
+                    metric.update(c, r.turn, _passed(r, kind), group=g)
     return {f"adherence/{k}{suffix}": m.compute() for k, m in metrics.items()}
 
 
-def _per_turn(arm: list[list[TurnRecord]], probe_turns: list[int], name: str, value) -> dict[str, Any]:
-    """{name: mean and t-interval across conversations per turn} of value(record), where it is not None."""
-    metric, seen = PerTurnMean(probe_turns, max_conversations=max(1, len(arm))), False
-    for c, records in enumerate(arm):
+def _per_turn(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list[int], name: str,
+              value) -> dict[str, Any]:
+    """{name: mean and interval across conversations per turn} of value(record), where it is not None."""
+    metric, seen = PerTurnMean(probe_turns, **LOCAL), False
+    for c, (records, g) in enumerate(zip(arm, groups)):
         for r in records:
             v = value(r)
             if v is not None and r.turn in probe_turns:
-                metric.update(c, r.turn, v)
+                metric.update(c, r.turn, v, group=g)
                 seen = True
     return {name: metric.compute()} if seen else {}
 
@@ -85,43 +120,78 @@ def _mean_margin(r: TurnRecord) -> float | None:
     return sum(margins) / len(margins) if margins else None
 
 
-def _record_metrics(arm: list[list[TurnRecord]], probe_turns: list[int], suffix: str) -> dict[str, Any]:
-    out = _per_turn(arm, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
-    out.update(_per_turn(arm, probe_turns, f"capability/kl_to_base{suffix}",
+def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list[int],
+                    suffix: str) -> dict[str, Any]:
+    out = _per_turn(arm, groups, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
+    out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_base{suffix}",
                          lambda r: r.capability["kl_to_base"] if r.capability else None))
-    out.update(_per_turn(arm, probe_turns, f"capability/perplexity{suffix}",
+    out.update(_per_turn(arm, groups, probe_turns, f"capability/perplexity{suffix}",
                          lambda r: math.exp(r.capability["nll"]) if r.capability else None))
     for key in ("persona", "coherence"):
-        out.update(_per_turn(arm, probe_turns, f"judge/{key}{suffix}", lambda r: r.judge[key] if r.judge else None))
+        out.update(_per_turn(arm, groups, probe_turns, f"judge/{key}{suffix}",
+                             lambda r, key=key: r.judge[key] if r.judge else None))
     return out
 
 
-def _projection(result: ProtocolResult, probe_turns: list[int], layer: int) -> dict[str, Any]:
-    """Needs the control arm and a probe at turn 0 (the direction is the turn-0 persona difference)."""
-    if not result.control_arm or 0 not in probe_turns:
+def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str, Any]:
+    """Mechanism minus baseline, paired by conversation (the same turns in both arms): per turn the mean
+    difference and its interval over conversations (clustered by persona like every metric)."""
+    values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.persona_arm)}
+    values["likelihood_margin"] = _mean_margin
+    out = {}
+    for name, value in values.items():
+        bounds = (-1.0, 1.0) if name.startswith("adherence/") else None  # a difference of two proportions
+        metric, seen = PerTurnMean(probe_turns, bounds=bounds, **LOCAL), False
+        for c, (mech, base, g) in enumerate(zip(result.persona_arm, result.baseline_arm, _groups(result))):
+            base_at = {r.turn: value(r) for r in base}
+            for r in mech:
+                a, b = value(r), base_at.get(r.turn)
+                if r.turn in probe_turns and a is not None and b is not None:
+                    metric.update(c, r.turn, a - b, group=g)
+                    seen = True
+        if seen:
+            out[f"vs_baseline/{name}"] = metric.compute()
+    return out
+
+
+def _projection(arm: list[list[TurnRecord]], control: list[list[TurnRecord]], groups: list[int],
+                probe_turns: list[int], layer: int, name: str) -> dict[str, Any]:
+    """Needs the control arm and a probe at turn 0 (the direction is the arm's turn-0 persona difference)."""
+    if not control or not arm or 0 not in probe_turns:
         return {}
     states = [({r.turn: r.reply_state[layer] for r in p if r.reply_state is not None},
                {r.turn: r.reply_state[layer] for r in c if r.reply_state is not None})
-              for p, c in zip(result.persona_arm, result.control_arm)]
-    groups = result.groups or [0] * len(states)
+              for p, c in zip(arm, control)]
+    if not all(0 in p and 0 in c for p, c in states):
+        return {}
     directions = {g: torch.stack([p[0] - c[0] for (p, c), h in zip(states, groups) if h == g]).mean(0)
                   for g in set(groups)}
-    metric = PerTurnMean(probe_turns, max_conversations=len(states))
+    metric = PerTurnMean(probe_turns, **LOCAL)
     for k, ((p, c), g) in enumerate(zip(states, groups)):
         for turn, value in persona_projection(p, c, directions[g]).items():
-            metric.update(k, turn, value)
-    return {"projection": {**metric.compute(), "layer": layer}}
+            if turn in probe_turns:
+                metric.update(k, turn, value, group=g)
+    return {name: {**metric.compute(), "layer": layer}}
 
 
 def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None = None) -> dict[str, Any]:
-    metrics = _adherence(result.persona_arm, probe_turns, "")
-    metrics.update(_record_metrics(result.persona_arm, probe_turns, ""))
-    if result.control_arm:
-        metrics.update(_adherence(result.control_arm, probe_turns, "_control"))
-        metrics.update(_record_metrics(result.control_arm, probe_turns, "_control"))
-        first = next((r.reply_state for r in result.persona_arm[0] if r.reply_state is not None), None)
-        if first is not None:
-            metrics.update(_projection(result, probe_turns, layer if layer is not None else first.shape[0] // 2))
+    """Every metric per probe turn for each arm present (suffixes: none for the mechanism, `_baseline`,
+    `_control`), and `vs_baseline/...`: mechanism minus baseline, paired by conversation."""
+    groups, metrics = _groups(result), {}
+    arms = {"": result.persona_arm, "_baseline": result.baseline_arm, "_control": result.control_arm}
+    for suffix, arm in arms.items():
+        if arm:
+            metrics.update(_adherence(arm, groups, probe_turns, suffix))
+            metrics.update(_record_metrics(arm, groups, probe_turns, suffix))
+    first = next((r.reply_state for r in result.persona_arm[0] if r.reply_state is not None), None) \
+        if result.persona_arm else None
+    if first is not None:
+        layer = layer if layer is not None else first.shape[0] // 2
+        for suffix in ("", "_baseline"):
+            metrics.update(_projection(arms[suffix], result.control_arm, groups, probe_turns, layer,
+                                       f"projection{suffix}"))
+    if result.baseline_arm:
+        metrics.update(_versus_baseline(result, probe_turns))
     tokens: dict[str, list[int]] = {}
     for records in result.persona_arm:
         for r in records:

@@ -30,10 +30,33 @@ PLOTS = {"adherence": ("adherence/", "probe adherence"), "margin": ("likelihood_
          "kl_to_base": ("capability/kl_to_base", "KL(model || base, no persona), nats/token"),
          "perplexity": ("capability/perplexity", "perplexity of reference answers"),
          "judge": ("judge/", "LLM judge score (0-100)")}
+ARM_STYLE = {"_control": "--", "_baseline": ":"}  # the mechanism's own arm: solid
+
+
+def line_style(name: str) -> str:
+    return next((style for suffix, style in ARM_STYLE.items() if name.endswith(suffix)), "-")
+
+
+def draw(ax, m: dict[str, Any], label: str, style: str, alpha: float = 0.15) -> None:
+    """The mean by turn, and its 95% interval where there is one: shaded between neighbouring turns that
+    both have one, an error bar at each such turn; turns without an interval (n=1) get neither."""
+    line = ax.plot(m["turn"], m["mean"], style, marker="o", label=label)[0]
+    has = [lo is not None and hi is not None for lo, hi in zip(m["ci_low"], m["ci_high"])]
+    if not any(has):
+        return
+    nan = float("nan")
+    ax.fill_between(m["turn"], [lo if h else nan for lo, h in zip(m["ci_low"], has)],
+                    [hi if h else nan for hi, h in zip(m["ci_high"], has)], where=has, alpha=alpha,
+                    color=line.get_color())
+    points = [(t, v, lo, hi) for t, v, lo, hi, h in zip(m["turn"], m["mean"], m["ci_low"], m["ci_high"], has) if h]
+    ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], fmt="none",
+                ecolor=line.get_color(), alpha=0.6, capsize=3)
 
 
 def plot_metrics(out_dir: Path, metrics: dict[str, dict[str, Any]], title: str) -> list[str]:
-    """One PNG per metric family, persona arm solid, control arm dashed, 95% intervals shaded."""
+    """One PNG per metric family: mechanism solid, baseline (persona as system prompt) dotted, control arm
+    dashed, 95% intervals shaded where there are any."""
     written = []
     for stem, (prefix, ylabel) in PLOTS.items():
         names = [n for n in metrics if n.startswith(prefix)]
@@ -41,10 +64,7 @@ def plot_metrics(out_dir: Path, metrics: dict[str, dict[str, Any]], title: str) 
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
         for name in names:
-            m = metrics[name]
-            style = "--" if name.endswith("_control") else "-"
-            ax.plot(m["turn"], m["mean"], style, marker="o", label=name)
-            ax.fill_between(m["turn"], m["ci_low"], m["ci_high"], alpha=0.15)
+            draw(ax, metrics[name], name, line_style(name))
         ax.set_xlabel("turn")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -57,31 +77,85 @@ def plot_metrics(out_dir: Path, metrics: dict[str, dict[str, Any]], title: str) 
     return written
 
 
+def interval_cell(m: dict[str, Any], i: int) -> str:
+    """The 95% interval of turn i as a table cell, or why there is none."""
+    n, low, high = int(m["n"][i]), m["ci_low"][i], m["ci_high"][i]
+    if low is None or high is None:
+        return "no data" if n == 0 else "n=1: no interval" if n == 1 else f"n={n}, all equal: no interval"
+    return f"[{low:.3f}, {high:.3f}]" + (" (Wilson)" if m.get("interval", [None] * (i + 1))[i] == "wilson" else "")
+
+
+def _units(m: dict[str, Any], i: int) -> str:
+    unit = m.get("unit", ["conversations"] * (i + 1))[i]
+    return f"{int(m['n'][i])} {unit[:-1] if int(m['n'][i]) == 1 else unit}"
+
+
+def _verdict(m: dict[str, Any], i: int) -> str:
+    low, high = m["ci_low"][i], m["ci_high"][i]
+    if low is None or high is None:
+        return "no interval"
+    return "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+
+
+def versus_baseline(results: dict[str, Any]) -> list[str]:
+    """The question a user runs the demo for: did the mechanism beat the plain system prompt?"""
+    run, metrics = results["run"], results["metrics"]
+    lines = [f"## Did {run['mechanism']} beat the plain system prompt?", ""]
+    names = [n[len("vs_baseline/"):] for n in metrics if n.startswith("vs_baseline/")]
+    if run["mechanism"] == "none":
+        return lines + ["The mechanism is `none`: its persona arm is itself the plain system-prompt baseline.", ""]
+    if not names:
+        return lines + ["No baseline arm in this run (baseline=false): nothing to compare with.", ""]
+    lines += ["Mechanism and baseline (the same persona as system prompt, mechanism disabled) on the same turns; "
+              "the difference is paired by conversation. Better/worse: its 95% interval excludes 0.", "",
+              "| metric | turn | mechanism | 95% CI | baseline | 95% CI | difference | 95% CI | n | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        mech, base, diff = metrics[name], metrics[f"{name}_baseline"], metrics[f"vs_baseline/{name}"]
+        for i, turn in enumerate(diff["turn"]):
+            lines.append(f"| {name} | {turn} | {mech['mean'][i]:.3f} | {interval_cell(mech, i)} | {base['mean'][i]:.3f} "
+                         f"| {interval_cell(base, i)} | {diff['mean'][i]:+.3f} | {interval_cell(diff, i)} "
+                         f"| {_units(diff, i)} | {_verdict(diff, i)} |")
+    return lines + [""]
+
+
+EXPLAIN = ("Turn 0 is the persona alone: drift is relative to it. Intervals are over independent units, never "
+           "over probes: each conversation gives one value per turn (for adherence, the fraction of its probes "
+           "passed), and the 95% interval is a Student-t interval over conversations. Turn 0 is the same for "
+           "every conversation of a persona (no user turn yet), so it counts once per persona. With several "
+           "personas pooled, values are averaged per persona first and the interval is over persona means "
+           "(n = personas). One unit has no interval (\"n=1: no interval\"). When all units are equal the "
+           "t-interval would have zero width: adherence then shows the Wilson interval with units as trials "
+           "(marked Wilson), other metrics show no interval. Arms: the mechanism; the baseline (the same "
+           "persona as system prompt, mechanism disabled: `none`); the control (no persona, base model), which "
+           "shows what history alone does. Capability: KL to the base model with no persona and no history, and "
+           "perplexity, on neutral MT-bench reference answers scored at each probe turn.")
+
+
 def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
     run = results["run"]
     lines = [f"# persona_lit evaluation: {run['mechanism']} on {run['model']}", "",
              f"Persona: **{run['persona']}**. Checkpoint: `{run['ckpt']}`. {run['conversations']} conversation(s) "
              f"of {run['turns']} MT-bench turns, {'sampled' if run['do_sample'] else 'greedy'} decoding. "
-             "Control arm: the same turns, no persona, base model.", ""]
+             "Baseline arm: the same persona as system prompt, mechanism disabled. Control arm: the same turns, "
+             "no persona, base model.", ""]
+    lines += versus_baseline(results)
     for name, m in results["metrics"].items():
         lines += [f"## {name}", "", "| turn | history tokens | mean | 95% CI | n |", "|---|---|---|---|---|"]
         for i, turn in enumerate(m["turn"]):
             tokens = results["history_tokens"].get(str(turn), 0)
-            lines.append(f"| {turn} | {tokens} | {m['mean'][i]:.3f} | [{m['ci_low'][i]:.3f}, {m['ci_high'][i]:.3f}] "
-                         f"| {int(m['n'][i])} |")
+            lines.append(f"| {turn} | {tokens} | {m['mean'][i]:.3f} | {interval_cell(m, i)} | {_units(m, i)} |")
         lines.append("")
-    lines += ["Turn 0 is the persona alone: drift is relative to it. Adherence intervals are Wilson intervals over "
-              "probes; margin, projection and capability intervals are t-intervals over conversations. Capability: "
-              "KL to the base model with no persona and no history, and perplexity, on neutral MT-bench reference "
-              "answers scored at each probe turn; the control arm shows what history alone does.", ""]
+    lines += [EXPLAIN, ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: Path, results: dict[str, Any], persona_arm: list[list[TurnRecord]],
-                 control_arm: list[list[TurnRecord]]) -> None:
+                 control_arm: list[list[TurnRecord]], baseline_arm: list[list[TurnRecord]] | None = None) -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    write_transcripts(out_dir / "transcript.jsonl", {"persona": persona_arm, "control": control_arm})
+    arms = {"persona": persona_arm, "baseline": baseline_arm or [], "control": control_arm}
+    write_transcripts(out_dir / "transcript.jsonl", {k: v for k, v in arms.items() if v})
     plots = plot_metrics(out_dir, results["metrics"], f"{results['run']['mechanism']} / {results['run']['persona']}")
     (out_dir / "report.md").write_text(markdown_report(results, plots))
 
@@ -108,9 +182,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
             for name, m in res["metrics"].items():
                 if not name.startswith(prefix):
                     continue
-                label = f"{res['run']['mechanism']}:{d.name} {name}"
-                ax.plot(m["turn"], m["mean"], "--" if name.endswith("_control") else "-", marker="o", label=label)
-                ax.fill_between(m["turn"], m["ci_low"], m["ci_high"], alpha=0.1)
+                draw(ax, m, f"{res['run']['mechanism']}:{d.name} {name}", line_style(name), alpha=0.1)
                 drawn = True
                 lines.append(f"| {d.name} | {res['run']['mechanism']} | {res['run']['model']} | {res['run']['persona']} "
                              f"| {name} | " + ", ".join(f"{t}: {v:.2f}" for t, v in zip(m["turn"], m["mean"])) + " |")

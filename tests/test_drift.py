@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from persona_lit.conversation import Conversation, ConversationRunner
-from persona_lit.drift import run_protocol, summarize
+from persona_lit.conversation import Conversation, ConversationRunner, TurnRecord
+from persona_lit.drift import ProtocolResult, merge, run_protocol, summarize
+from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.none import NoMechanism
 from persona_lit.personas import persona_from_dict
 from persona_lit.probing import Scored
@@ -19,20 +20,31 @@ TURNS = ["q"] * 8
 PROBE_TURNS = [0, 1, 2, 4, 8]
 
 
+class Scripted(Mechanism):
+    """A mechanism in name only: the scripted runner reads whether it is switched off (the baseline arm)."""
+
+    name = "scripted"
+
+    def disabled(self):
+        return self.switched_off()
+
+
 class ScriptedRunner(ConversationRunner):
-    """Answers in persona while `in_persona(turn)`; the turn is the number of user turns so far."""
+    """Answers in persona while `in_persona(turn)`; the turn is the number of user turns so far. With
+    `baseline` (a policy for the persona as plain system prompt) the mechanism is `scripted`, else `none`."""
 
     device = torch.device("cpu")  # no model
 
-    def __init__(self, in_persona):
-        super().__init__(model=None, chat=None, mechanism=NoMechanism())
-        self.in_persona = in_persona
+    def __init__(self, in_persona, baseline=None):
+        super().__init__(model=None, chat=None, mechanism=Scripted() if baseline else NoMechanism())
+        self.in_persona, self.baseline = in_persona, baseline
 
     def start(self, persona, rows=1):
         return Conversation(persona.system_prompt if persona else None, rows)
 
     def _on(self, conv):
-        return conv.system_prompt is not None and self.in_persona(conv.tokens.shape[1])
+        policy = self.baseline if self.mechanism._disabled else self.in_persona
+        return conv.system_prompt is not None and policy(conv.tokens.shape[1])
 
     def say(self, conv, user_text, max_new_tokens=None):
         texts = [user_text] * conv.rows if isinstance(user_text, str) else user_text
@@ -60,7 +72,9 @@ def test_scripted_answerer_gives_the_adherence_it_was_scripted_to(policy, expect
     metrics = summarize(result, PROBE_TURNS, layer=0)["metrics"]
     assert metrics["adherence/name"]["mean"] == expected
     assert metrics["adherence/name_control"]["mean"] == [0] * 5  # the control arm never had the persona
-    assert metrics["adherence/name"]["n"] == [3] * 5
+    assert metrics["adherence/name"]["n"] == [1, 3, 3, 3, 3]  # turn 0 (no user turn yet) counts once per persona
+    assert metrics["adherence/name"]["unit"] == ["personas"] + ["conversations"] * 4
+    assert "adherence/name_baseline" not in metrics and not result.baseline_arm  # `none` is its own baseline
     margin = metrics["likelihood_margin"]["mean"]
     assert margin == [1.0 if e else -1.0 for e in expected]  # log p persona answer - log p default answer
     if expected[0]:
@@ -73,7 +87,7 @@ def test_intervals_shrink_with_more_conversations_and_cover_the_mean():
 
     mean, lo, hi = t_interval([0.2, 0.4, 0.6])
     assert lo < mean < hi and mean == pytest.approx(0.4)
-    assert t_interval([0.5])[1:] == (0.5, 0.5) and math.isnan(t_interval([])[0])
+    assert t_interval([0.5]) == (0.5, None, None) and math.isnan(t_interval([])[0])  # n=1: no interval
     narrow, wide = wilson_interval(50, 100), wilson_interval(5, 10)
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
 
@@ -90,6 +104,7 @@ def test_compare_overlays_earlier_evaluations(tmp_path):
                **summarize(result, PROBE_TURNS, layer=0)}
         (tmp_path / name).mkdir()
         write_report(tmp_path / name, res, result.persona_arm, result.control_arm)
+        assert "n=1: no interval" in (tmp_path / name / "report.md").read_text()  # turn 0, one persona
         assert json.loads((tmp_path / name / "results.json").read_text())["metrics"]["adherence/name"]
     (tmp_path / "cmp").mkdir()
     written = compare_runs([tmp_path / "always", tmp_path / "until4"], tmp_path / "cmp")
@@ -115,9 +130,125 @@ def test_evaluate_pools_several_personas_and_reports_each(tmp_path):
     assert results["run"]["personas"] == ["stoic", "botanist"]
     assert set(results["by_persona"]) == {"stoic", "botanist"}
     pooled, alone = results["metrics"], results["by_persona"]["stoic"]
-    assert pooled["likelihood_margin"]["n"] == [4, 4] and alone["likelihood_margin"]["n"] == [2, 2]
+    # pooled: two personas, the interval over their means; alone: turn 0 once, then 2 conversations
+    assert pooled["likelihood_margin"]["n"] == [2, 2] and pooled["likelihood_margin"]["unit"] == ["personas"] * 2
+    assert alone["likelihood_margin"]["n"] == [1, 2] and alone["likelihood_margin"]["ci_low"][0] is None
     assert pooled["projection"]["mean"][0] == pytest.approx(1.0)  # each persona scaled by its own turn 0
     assert pooled["capability/kl_to_base_control"]["mean"][0] == pytest.approx(0.0, abs=1e-6)
     rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
     assert {row["persona"] for row in rows} == {"stoic", "botanist"} and {row["arm"] for row in rows} == {"persona", "control"}
     assert (out / "kl_to_base.png").stat().st_size > 0 and "capability/kl_to_base" in (out / "report.md").read_text()
+
+
+def _records(verdicts_by_turn: dict[int, list[bool]]) -> list[TurnRecord]:
+    from persona_lit.probing import ProbeResult
+
+    return [TurnRecord(turn, "q", "a", "writing", 10 * turn,
+                       probes=[ProbeResult(turn, f"probe {i}", "name", "a", ok) for i, ok in enumerate(verdicts)])
+            for turn, verdicts in verdicts_by_turn.items()]
+
+
+def test_adherence_interval_is_over_conversations_not_pooled_probes():
+    """3 conversations x 4 probes at turn 2: one passes all four, two pass none. 12 pooled 'trials' would give
+    a Wilson interval of about [0.14, 0.61]; the honest unit is the conversation (n = 3), much wider."""
+    from persona_lit.metrics import t_interval, wilson_interval
+
+    arm = [_records({0: [True] * 4, 2: [ok] * 4}) for ok in (True, False, False)]
+    m = summarize(ProtocolResult(arm, []), [0, 2])["metrics"]["adherence/name"]
+    assert m["n"] == [1, 3] and m["unit"] == ["personas", "conversations"] and m["interval"] == ["none", "t"]
+    pooled = wilson_interval(4, 12)
+    mean, lo, hi = t_interval([1.0, 0.0, 0.0])
+    assert m["mean"][1] == pytest.approx(1 / 3) == pytest.approx(mean)
+    assert (m["ci_low"][1], m["ci_high"][1]) == (max(0.0, lo), min(1.0, hi))  # clipped to [0, 1]
+    assert m["ci_high"][1] - m["ci_low"][1] > 1.5 * (pooled[1] - pooled[0])
+    # Conversations that agree on every probe: no t spread, so the Wilson interval with 3 units as trials
+    # (never a zero-width [1, 1]; the pooled 12 probes would claim [0.76, 1]).
+    agree = summarize(ProtocolResult([_records({2: [True] * 4})] * 3, []), [2])["metrics"]["adherence/name"]
+    assert agree["interval"] == ["wilson"] and agree["ci_high"] == [1.0]
+    assert agree["ci_low"][0] == pytest.approx(wilson_interval(3, 3)[0]) and agree["ci_low"][0] < wilson_interval(12, 12)[0]
+
+
+def test_one_conversation_has_no_interval_anywhere(tmp_path):
+    import json
+
+    from persona_lit.report import write_report
+
+    result = run_protocol(ScriptedRunner(lambda t: t < 4), PERSONA, [TURNS], PROBE_TURNS, progress=False)
+    res = {"run": {"mechanism": "none", "model": "scripted", "persona": "Cato", "ckpt": None, "conversations": 1,
+                   "turns": 8, "do_sample": False, "probe_turns": PROBE_TURNS}, **summarize(result, PROBE_TURNS, layer=0)}
+    write_report(tmp_path, res, result.persona_arm, result.control_arm)
+    metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    for name, m in metrics.items():
+        assert m["n"] == [1] * 5 and m["ci_low"] == [None] * 5 and m["ci_high"] == [None] * 5, name  # null in JSON
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("n=1: no interval") >= 5 * len(metrics) and "[1.000, 1.000]" not in report
+    assert (tmp_path / "adherence.png").stat().st_size > 0  # drawn without a band
+
+
+def test_identical_values_never_give_a_zero_width_interval():
+    from persona_lit.metrics import PerTurnMean
+
+    metric = PerTurnMean([3])
+    for c in range(4):
+        metric.update(c, 3, 0.25)
+    m = metric.compute()
+    assert m["mean"] == [0.25] and m["n"] == [4] and m["ci_low"] == [None] and m["interval"] == ["none"]
+
+
+def test_personas_are_the_unit_when_pooled():
+    """Persona A: one conversation, always in persona; persona B: three, never. Pooled by conversation the
+    mean would be 0.25 over n = 4; clustered by persona it is the mean of the persona means over n = 2."""
+    a = run_protocol(ScriptedRunner(lambda t: True), PERSONA, [TURNS], PROBE_TURNS, progress=False)
+    b = run_protocol(ScriptedRunner(lambda t: False), PERSONA, [TURNS] * 3, PROBE_TURNS, progress=False)
+    merged = merge([a, b])
+    assert merged.groups == [0, 1, 1, 1]
+    m = summarize(merged, PROBE_TURNS, layer=0)["metrics"]
+    adherence, margin = m["adherence/name"], m["likelihood_margin"]
+    assert adherence["mean"] == [0.5] * 5 and adherence["n"] == [2] * 5 and adherence["unit"] == ["personas"] * 5
+    assert adherence["ci_low"] == [0.0] * 5 and adherence["ci_high"] == [1.0] * 5  # t with 1 df, clipped
+    assert margin["mean"] == [0.0] * 5  # persona means +1 and -1
+    half = 12.71 * math.sqrt(2) / math.sqrt(2)  # t(0.975, 1 df) * sd of [1, -1] / sqrt(2)
+    assert margin["ci_low"] == pytest.approx([-half] * 5) and margin["ci_high"] == pytest.approx([half] * 5)
+
+
+def test_turn_zero_counts_once_per_persona():
+    one = summarize(run_protocol(ScriptedRunner(lambda t: True), PERSONA, [TURNS] * 4, [0, 2], progress=False), [0, 2])
+    assert one["metrics"]["likelihood_margin"]["n"] == [1, 4]
+    two = merge([run_protocol(ScriptedRunner(lambda t: t < 1), PERSONA, [TURNS] * 3, [0, 2], progress=False)] * 2)
+    m = summarize(two, [0, 2])["metrics"]["adherence/name"]
+    assert m["n"] == [2, 2] and m["unit"] == ["personas", "personas"]
+    assert m["interval"][0] == "wilson" and m["ci_low"][0] > 0  # 2 personas agree at turn 0: Wilson over 2
+
+
+def test_baseline_arm_in_results_report_and_transcript(tmp_path):
+    """The mechanism holds the persona throughout; the plain system prompt (its baseline) only until turn 4."""
+    import json
+
+    from persona_lit.report import write_report
+
+    runner = ScriptedRunner(lambda t: True, baseline=lambda t: t < 4)
+    result = run_protocol(runner, PERSONA, [TURNS] * 5, PROBE_TURNS, progress=False)
+    assert len(result.baseline_arm) == 5 and merge([result]).baseline_arm == result.baseline_arm
+    assert len(run_protocol(runner, PERSONA, [TURNS], PROBE_TURNS, progress=False, baseline=False).baseline_arm) == 0
+    summary = summarize(result, PROBE_TURNS, layer=0)
+    m = summary["metrics"]
+    assert m["adherence/name"]["mean"] == [1] * 5 and m["adherence/name_baseline"]["mean"] == [1, 1, 1, 0, 0]
+    assert m["projection_baseline"]["mean"] == pytest.approx([1, 1, 1, 0, 0])
+    diff = m["vs_baseline/adherence/name"]
+    assert diff["mean"] == [0, 0, 0, 1, 1] and diff["n"] == [1, 5, 5, 5, 5]
+    assert diff["ci_low"][3] > 0 and diff["ci_high"][3] == 1.0  # 5 conversations all +1: Wilson over units
+    assert m["vs_baseline/likelihood_margin"]["mean"] == [0, 0, 0, 2, 2]
+    res = {"run": {"mechanism": "scripted", "model": "scripted", "persona": "Cato", "ckpt": None, "conversations": 5,
+                   "turns": 8, "do_sample": False, "probe_turns": PROBE_TURNS}, **summary}
+    write_report(tmp_path, res, result.persona_arm, result.control_arm, result.baseline_arm)
+    assert "adherence/name_baseline" in json.loads((tmp_path / "results.json").read_text())["metrics"]
+    rows = [json.loads(line) for line in (tmp_path / "transcript.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in rows} == {"persona", "baseline", "control"}
+    assert sum(r["arm"] == "baseline" for r in rows) == 5 * 9
+    report = (tmp_path / "report.md").read_text()
+    assert "## Did scripted beat the plain system prompt?" in report
+    assert "| adherence/name | 4 | 1.000 |" in report and "| +1.000 |" in report and "| better |" in report
+    rows = {line.split(" | ")[1]: line for line in report.split("## adherence")[0].splitlines()
+            if line.startswith("| adherence/name |")}
+    assert rows["4"].endswith("| better |") and rows["1"].endswith("| no clear difference |")
+    assert rows["0"].endswith("| no interval |") and "n=1: no interval" in rows["0"]
