@@ -105,7 +105,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     by_persona = {}
     for persona in personas:
         by_persona[persona.key] = run_protocol(runner, persona, streams, probe_turns, control=bool(cfg.control),
-                                               capability=capability, capability_tokens=int(cfg.capability_tokens),
+                                               baseline=bool(cfg.baseline), capability=capability,
+                                               capability_tokens=int(cfg.capability_tokens),
                                                batch=int(cfg.conversation_batch), progress=main)
     if shards is not None:  # every rank's conversations, in their original order, on rank 0
         gathered = shards.gather(list(by_persona.values()), len(turns.streams))
@@ -115,7 +116,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
         by_persona = dict(zip(by_persona, gathered))
     for persona in personas:
         if judge is not None:
-            for arm in (by_persona[persona.key].persona_arm, by_persona[persona.key].control_arm):
+            result = by_persona[persona.key]
+            for arm in (result.persona_arm, result.baseline_arm, result.control_arm):
                 judge_arm(judge, persona.system_prompt, arm)
     protocol = merge(list(by_persona.values()))
     results = {
@@ -138,7 +140,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     except OSError as e:
         raise UserError(f"out_dir={out_dir}: cannot write there ({e.strerror})") from None
     try:
-        write_report(tmp, results, protocol.persona_arm, protocol.control_arm)
+        write_report(tmp, results, protocol.persona_arm, protocol.control_arm, protocol.baseline_arm)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

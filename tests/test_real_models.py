@@ -21,16 +21,19 @@ def test_smollm2_train_then_evaluate_from_the_checkpoint_alone(tmp_path):
     assert ckpt.stat().st_size < 20e6  # adapter only: a few MB, not the 540 MB base
     metrics = (tmp_path / "train/csv/metrics.csv").read_text()
     assert "train/loss" in metrics and "train/tokens_per_s" in metrics and "train/peak_mem_mb" in metrics
-    ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "probe_turns=[0,2]", "probe_kinds=[name]", "max_new_tokens=12",
-                 "probe_max_new_tokens=12", "logger=csv", f"out_dir={tmp_path}/eval")
+    ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "conversations=1", "probe_turns=[0,2]",
+                 "probe_kinds=[name]", "max_new_tokens=12", "probe_max_new_tokens=12", "logger=csv",
+                 f"out_dir={tmp_path}/eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
     results = json.loads((tmp_path / "eval/results.json").read_text())
     assert results["run"]["model"] == "smollm2-135m-instruct" and results["run"]["persona"] == "Lyra"
     assert results["metrics"]["adherence/name"]["turn"] == [0, 2]
     assert results["history_tokens"]["2"] > results["history_tokens"]["1"] > 0
     lines = (tmp_path / "eval/transcript.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and json.loads(lines[1])["answer"]  # persona arm + control arm, turns 0..2
-    assert {json.loads(line)["arm"] for line in lines} == {"persona", "control"}
+    assert len(lines) == 9 and json.loads(lines[1])["answer"]  # persona, baseline and control arms, turns 0..2
+    assert [json.loads(line)["arm"] for line in lines[::3]] == ["persona", "baseline", "control"]
+    assert "adherence/name_baseline" in results["metrics"] and "vs_baseline/adherence/name" in results["metrics"]
+    assert "Did lora beat the plain system prompt?" in (tmp_path / "eval/report.md").read_text()
     assert results["metrics"]["projection"]["mean"][0] == pytest.approx(1.0)  # 1.0 at turn 0 by construction
     for name in ("report.md", "adherence.png", "margin.png", "projection.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
