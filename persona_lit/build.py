@@ -19,7 +19,7 @@ from persona_lit.mechanisms import Mechanism, build_mechanism
 from persona_lit.personas import Persona, load_persona, persona_from_dict, persona_to_dict
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment")
+GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment", "task")
 
 
 def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from persona_lit.errors import UserError
 from persona_lit.evaluation_dist import launch, resolve_placement
 from persona_lit.judge import Judge, check_judge, judge_arm
 from persona_lit.loggers import make_logger
+from persona_lit.outputs import staged_dir
 from persona_lit.report import compare_runs, write_report
 
 
@@ -62,6 +61,10 @@ def evaluate(cfg: DictConfig) -> Path | None:
             raise
         print(f"persona_lit: comparison written to {out_dir} ({', '.join(written)})")
         return out_dir
+    if cfg.task.name != "drift":  # another task of conf/task/: its own function does the whole job
+        from hydra.utils import get_method
+
+        return get_method(cfg.task._target_)(cfg)
     turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
                               list(cfg.exclude_categories))
     turns.setup("predict")  # bad data fails here, before the model loads
@@ -133,20 +136,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     if len(personas) > 1:  # the pooled metrics above, and each persona alone
         results["by_persona"] = {k: summarize(r, probe_turns, cfg.projection_layer)["metrics"]
                                  for k, r in by_persona.items()}
-    # Everything is written to a temporary sibling and renamed at the end: no half-written results.
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    except OSError as e:
-        raise UserError(f"out_dir={out_dir}: cannot write there ({e.strerror})") from None
-    try:
+    with staged_dir(out_dir) as tmp:  # written to a temporary sibling, renamed at the end
         write_report(tmp, results, protocol.persona_arm, protocol.control_arm, protocol.baseline_arm)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log_results(cfg, results, out_dir, "+".join(by_persona))
     print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir
