@@ -15,6 +15,7 @@ import torch
 from persona_lit.conversation import ConversationRunner, TurnRecord
 from persona_lit.metrics import PerTurnMean, ProbeAdherence, persona_projection
 from persona_lit.personas import Persona
+from persona_lit.steering.vectors import Direction
 
 
 # The metrics see the complete list of records on one process (rank 0 after a gather, or the drift callback on
@@ -155,8 +156,9 @@ def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str
 
 
 def _projection(arm: list[list[TurnRecord]], control: list[list[TurnRecord]], groups: list[int],
-                probe_turns: list[int], layer: int, name: str) -> dict[str, Any]:
-    """Needs the control arm and a probe at turn 0 (the direction is the arm's turn-0 persona difference)."""
+                probe_turns: list[int], layer: int, name: str, axis: Direction | None = None) -> dict[str, Any]:
+    """Needs the control arm and a probe at turn 0. The direction is the arm's turn-0 persona difference, or
+    `axis`'s vector at `layer` (a task=direction file: every run on one axis)."""
     if not control or not arm or 0 not in probe_turns:
         return {}
     states = [({r.turn: r.reply_state[layer] for r in p if r.reply_state is not None},
@@ -164,19 +166,25 @@ def _projection(arm: list[list[TurnRecord]], control: list[list[TurnRecord]], gr
               for p, c in zip(arm, control)]
     if not all(0 in p and 0 in c for p, c in states):
         return {}
-    directions = {g: torch.stack([p[0] - c[0] for (p, c), h in zip(states, groups) if h == g]).mean(0)
-                  for g in set(groups)}
+    if axis is not None:
+        directions = {g: axis.vectors[layer] for g in set(groups)}
+    else:
+        directions = {g: torch.stack([p[0] - c[0] for (p, c), h in zip(states, groups) if h == g]).mean(0)
+                      for g in set(groups)}
     metric = PerTurnMean(probe_turns, **LOCAL)
     for k, ((p, c), g) in enumerate(zip(states, groups)):
         for turn, value in persona_projection(p, c, directions[g]).items():
             if turn in probe_turns:
                 metric.update(k, turn, value, group=g)
-    return {name: {**metric.compute(), "layer": layer}}
+    source = str(axis.meta.get("source", "direction file")) if axis is not None else "turn-0 difference"
+    return {name: {**metric.compute(), "layer": layer, "axis": source}}
 
 
-def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None = None) -> dict[str, Any]:
+def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None = None,
+              axis: Direction | None = None) -> dict[str, Any]:
     """Every metric per probe turn for each arm present (suffixes: none for the mechanism, `_baseline`,
-    `_control`), and `vs_baseline/...`: mechanism minus baseline, paired by conversation."""
+    `_control`), and `vs_baseline/...`: mechanism minus baseline, paired by conversation. `axis`: project on
+    a saved direction (checked against the model: steering.directions.projection_axis) instead."""
     groups, metrics = _groups(result), {}
     arms = {"": result.persona_arm, "_baseline": result.baseline_arm, "_control": result.control_arm}
     for suffix, arm in arms.items():
@@ -189,7 +197,7 @@ def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None 
         layer = layer if layer is not None else first.shape[0] // 2
         for suffix in ("", "_baseline"):
             metrics.update(_projection(arms[suffix], result.control_arm, groups, probe_turns, layer,
-                                       f"projection{suffix}"))
+                                       f"projection{suffix}", axis))
     if result.baseline_arm:
         metrics.update(_versus_baseline(result, probe_turns))
     tokens: dict[str, list[int]] = {}

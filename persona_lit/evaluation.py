@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from persona_lit.backbones import load_backbone
+from persona_lit.backbones import decoder_layers, load_backbone
 from persona_lit.build import (attach_mechanism, place, plain, require_writable, resolve_device, resolve_persona,
                                resolve_precision, restore)
 from persona_lit.conversation import ConversationRunner
@@ -21,6 +21,7 @@ from persona_lit.judge import Judge, check_judge, judge_arm
 from persona_lit.loggers import make_logger
 from persona_lit.outputs import staged_dir
 from persona_lit.report import compare_runs, write_report
+from persona_lit.steering.directions import projection_axis
 
 
 def _load(cfg: DictConfig, device: torch.device):
@@ -96,6 +97,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
     precision, dtype = resolve_precision(cfg.precision, device)
     backbone, model, mechanism, persona, config = _load(cfg, device)
+    axis = projection_axis(cfg.get("projection_direction"), backbone.fingerprint, len(decoder_layers(model)),
+                           cfg.projection_layer)  # a saved direction to project on, checked against the model
     precision = place(model, mechanism, device, dtype)
     personas = [_with_probe_kinds(p, cfg.probe_kinds) for p in chosen or [persona]]
     torch.manual_seed(int(cfg.seed or 0))
@@ -130,11 +133,11 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens),
                 "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
                 "precision": precision},
-        **summarize(protocol, probe_turns, cfg.projection_layer),
+        **summarize(protocol, probe_turns, cfg.projection_layer, axis),
         "config": config,
     }
     if len(personas) > 1:  # the pooled metrics above, and each persona alone
-        results["by_persona"] = {k: summarize(r, probe_turns, cfg.projection_layer)["metrics"]
+        results["by_persona"] = {k: summarize(r, probe_turns, cfg.projection_layer, axis)["metrics"]
                                  for k, r in by_persona.items()}
     with staged_dir(out_dir) as tmp:  # written to a temporary sibling, renamed at the end
         write_report(tmp, results, protocol.persona_arm, protocol.control_arm, protocol.baseline_arm)
