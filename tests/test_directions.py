@@ -317,3 +317,15 @@ def test_evaluate_task_direction_rejects_an_unknown_role(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr and lines[-1].startswith("error: task.sources[0]=role:no_such_role")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared assistant-axis data is absent")
+def test_smollm2_pirate_directions_agree_more_with_each_other_than_with_an_accountant(backbone_factory):
+    """Real SmolLM2, reply-start directions (nothing generated, ~20 s): the pirate mentor persona's direction is
+    closer to the pirate role's than to the accountant role's at the middle layer (measured 0.67 vs 0.41)."""
+    backbone = backbone_factory("smollm2-135m-instruct")
+    sources = parse_sources(["persona:pirate_mentor", "role:pirate", "role:accountant"], SHARED, "smollm2", 2, 5)
+    mentor, pirate, accountant = (extract(backbone, s, "reply_start", batch=10).vectors[15] for s in sources)
+    c = cosine_matrix(torch.stack([mentor, pirate, accountant]))
+    assert c[0, 1] > c[0, 2] + 0.1, c
