@@ -1,7 +1,8 @@
 """Multi-turn conversations, several at once: the KV cache is reused across turns, probes run on forks.
 
 History is never re-encoded: each turn feeds only its new tokens (the user turn and the assistant
-header) on top of the cache, then decodes. Several conversations are one padded batch: a row's slots
+header) on top of the cache, then decodes. (Exception: a mechanism with `clean_history`, e.g. steering of
+the current turn only, gets each finished turn rolled back in the cache and fed again with it disabled.) Several conversations are one padded batch: a row's slots
 are tokens or padding, `mask` says which are real, and positions count real tokens only, so a row is
 the same conversation it would be alone. (Exception: a sliding-window layer in transformers counts the
 padded slots inside its window, so on Gemma-3 a batched row sees a few fewer old tokens there.)
@@ -12,6 +13,7 @@ that is *masked*, so no mechanism ever stores tokens produced after a row's end 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -24,6 +26,42 @@ from persona_lit.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.personas import Persona, Probe
 from persona_lit.probing import Probing, ProbeResult
+
+
+_NO_CACHE = ("none",)
+
+
+def rollback_point(cache: Any) -> list[tuple] | tuple:
+    """What roll_back(cache, point) needs to return `cache` to its present slots. Full-attention layers are
+    cropped later; a sliding-window layer keeps only its last window, so its present tensors are kept
+    (by reference: the cache replaces them on update, never writes into them) with its length."""
+    if cache is None:
+        return _NO_CACHE
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    point = []
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            point.append(("crop", layer.get_seq_length()))
+        elif type(layer) is DynamicSlidingWindowLayer:
+            point.append(("keep", layer.keys, layer.values, layer.cumulative_length, layer.is_initialized))
+        else:
+            raise ValueError(f"cannot roll back a {type(layer).__name__} cache layer")
+    return point
+
+
+def roll_back(cache: Any, point: list[tuple] | tuple) -> Any:
+    """The cache as it was at rollback_point (None if there was none)."""
+    if point is _NO_CACHE:
+        return None
+    for layer, p in zip(cache.layers, point):
+        if p[0] == "crop":
+            if layer.keys is None:  # not written yet (no slot reached it)
+                continue
+            layer.keys, layer.values = layer.keys[..., : p[1], :], layer.values[..., : p[1], :]
+        else:
+            layer.keys, layer.values, layer.cumulative_length, layer.is_initialized = p[1:]
+    return cache
 
 
 @dataclass
@@ -129,23 +167,37 @@ class ConversationRunner(Probing):
             self.mechanism.begin_conversation(persona)
         conv = Conversation(system, rows)
         conv.open_turn = self.chat.opens_user_turn(system)
-        self.extend(conv, self.chat.persona_ids(system))
+        with self._history_context():
+            self.extend(conv, self.chat.persona_ids(system))
         return conv
+
+    def _clean(self) -> bool:
+        return self.mechanism is not None and self.mechanism.clean_history
+
+    def _history_context(self):
+        """Where history is cached: with the mechanism disabled when it asks for a clean history."""
+        return self.mechanism.disabled() if self._clean() else contextlib.nullcontext()
 
     @torch.no_grad()
     def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         """Appends one user turn per row (one text for all, or one each) and the model's answers."""
         if conv.tokens.shape[1] == 0:
-            self.extend(conv, self.chat.persona_ids(conv.system_prompt))
+            with self._history_context():
+                self.extend(conv, self.chat.persona_ids(conv.system_prompt))
             conv.open_turn = self.chat.opens_user_turn(conv.system_prompt)
         if self.mechanism is not None:
             self.mechanism.begin_turn()
+        mark = rollback_point(conv.cache) if self._clean() else None
         texts = [user_text] * conv.rows if isinstance(user_text, str) else list(user_text)
         conv.append([self.chat.user_turn_ids(t, conv.open_turn) for t in texts], self.chat.pad_id)
         conv.open_turn = False
         answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
         # Close the answers and cache them now, so the next turn starts from a fully cached history.
         self.extend(conv, self.chat.close_assistant())
+        if mark is not None:  # clean history: the finished turn is cached again, unsteered
+            conv.cache = roll_back(conv.cache, mark)
+            with self.mechanism.disabled():
+                self.forward_new(conv, logits_to_keep=1)
         return [self.chat.decode(a) for a in answers]
 
     def _decode(self, conv: Conversation, max_new_tokens: int) -> list[list[int]]:
@@ -155,6 +207,8 @@ class ConversationRunner(Probing):
         answers: list[list[int]] = [[] for _ in range(conv.rows)]
         for step in range(max_new_tokens):
             logits = self.forward_new(conv, logits_to_keep=1).logits[:, -1].float().cpu()
+            if step == 0 and self.mechanism is not None:
+                self.mechanism.begin_answer()  # the prompt is fed; from here on the answer's tokens
             if step < self.min_new_tokens:
                 logits[:, self.chat.end_id] = -torch.inf
             token = torch.where(done, torch.full_like(done, self.chat.pad_id, dtype=torch.long), self._pick(logits))

@@ -45,7 +45,10 @@ class PersonaLitModule(L.LightningModule):
         return any(True for _ in self.mechanism.trainable_parameters())
 
     def _extra(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"segment_ids": batch["segment_ids"]} if self.mechanism.uses_segments else {}
+        extra = {"segment_ids": batch["segment_ids"]} if self.mechanism.uses_segments else {}
+        if self.mechanism.uses_assistant_mask:  # the tokens the loss is on: the assistant's answers
+            extra["assistant_mask"] = batch["labels"] != IGNORE
+        return extra
 
     def _loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], **self._extra(batch))

@@ -9,10 +9,11 @@ from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.lora import LoraMechanism
 from persona_lit.mechanisms.lyra import LyraMechanism
 from persona_lit.mechanisms.none import NoMechanism
+from persona_lit.mechanisms.steer import SteerMechanism
 from persona_lit.mechanisms.triplet import TripletMechanism
 
 REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism, "lyra": LyraMechanism,
-                                        "triplet": TripletMechanism}
+                                        "triplet": TripletMechanism, "steer": SteerMechanism}
 
 
 def build_mechanism(name: str, **options: Any) -> Mechanism:

@@ -17,6 +17,10 @@ from persona_lit.personas import Persona
 class Mechanism:
     name: str = "base"
     uses_segments: bool = False  # True: the model call takes the collator's `segment_ids` (turn per token)
+    uses_assistant_mask: bool = False  # True: the model call takes `assistant_mask` (labels != IGNORE) in training
+    # True: the conversation runner caches the history (the persona segment and each finished turn, re-encoded
+    # after its answer) with the mechanism disabled, so the mechanism acts on the current turn's tokens only.
+    clean_history: bool = False
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Wrap `model`; return the model to use from now on (PEFT returns a wrapper)."""
@@ -45,6 +49,9 @@ class Mechanism:
 
     def begin_turn(self) -> None:
         """Called before each new user turn (e.g. drop the last turn's segment)."""
+
+    def begin_answer(self) -> None:
+        """Called once a turn's prompt slots are fed: later forwards feed the answer (generated tokens, end)."""
 
     def snapshot(self) -> Any:
         """Conversation state to put back after a probe on a fork (see restore); None if stateless."""
