@@ -66,6 +66,18 @@ def evaluate(cfg: DictConfig) -> Path | None:
         from hydra.utils import get_method
 
         return get_method(cfg.task._target_)(cfg)
+    turns, judge, chosen = drift_inputs(cfg)
+    devices, accelerator, device = drift_placement(cfg)
+    shards = launch(devices, accelerator) if devices > 1 else None  # every check above runs on every rank
+    try:
+        return _run(cfg, out_dir, turns, judge, chosen, shards.device if shards else device, shards)
+    finally:
+        if shards is not None:
+            shards.close()
+
+
+def drift_inputs(cfg: DictConfig) -> tuple[MTBenchDataModule, Judge | None, list | None]:
+    """The drift protocol's turns, judge and chosen personas, checked before any model loads."""
     turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
                               list(cfg.exclude_categories))
     turns.setup("predict")  # bad data fails here, before the model loads
@@ -79,21 +91,33 @@ def evaluate(cfg: DictConfig) -> Path | None:
         judge = Judge(str(cfg.judge.url), str(cfg.judge.model), cfg.judge.api_key_env, float(cfg.judge.timeout_s))
         check_judge(judge)
     chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
+    return turns, judge, chosen
+
+
+def drift_placement(cfg: DictConfig) -> tuple[int, str | None, torch.device]:
+    """(devices, accelerator, device) from the device keys; a bad precision fails here too."""
     devices, accelerator = resolve_placement(cfg.device, cfg.devices, cfg.accelerator)
     one = devices == 1 and accelerator is not None  # accelerator=cpu|cuda alone picks the device
     device = resolve_device(accelerator if one else cfg.device, "accelerator" if one else "device")
     resolve_precision(cfg.precision, device)  # a bad value fails here, before any process starts
-    shards = launch(devices, accelerator) if devices > 1 else None  # every check above runs on every rank
-    try:
-        return _run(cfg, out_dir, turns, judge, chosen, shards.device if shards else device, shards)
-    finally:
-        if shards is not None:
-            shards.close()
+    return devices, accelerator, device
 
 
-def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge | None, chosen, device, shards):
-    """Load, place, run the protocol (on this rank's share of the conversations), report (on rank 0)."""
-    main = shards is None or shards.is_main
+@dataclasses.dataclass
+class DriftSetup:
+    backbone: Any
+    mechanism: Any
+    personas: list
+    runner: ConversationRunner
+    capability: list
+    probe_turns: list[int]
+    precision: str
+    config: dict[str, Any]
+    axis: Any
+
+
+def drift_setup(cfg: DictConfig, turns: MTBenchDataModule, chosen, device: torch.device) -> DriftSetup:
+    """Load and place the model and its mechanism; the personas, capability exchanges and the runner."""
     probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
     precision, dtype = resolve_precision(cfg.precision, device)
     backbone, model, mechanism, persona, config = _load(cfg, device)
@@ -107,6 +131,16 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature),
                                 probe_batch=int(cfg.probe_batch))
+    return DriftSetup(backbone, mechanism, personas, runner, capability, probe_turns, precision, config, axis)
+
+
+def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge | None, chosen, device, shards):
+    """Load, place, run the protocol (on this rank's share of the conversations), report (on rank 0)."""
+    main = shards is None or shards.is_main
+    setup = drift_setup(cfg, turns, chosen, device)
+    backbone, mechanism, personas, runner = setup.backbone, setup.mechanism, setup.personas, setup.runner
+    capability, probe_turns, precision, config, axis = (setup.capability, setup.probe_turns, setup.precision,
+                                                        setup.config, setup.axis)
     streams = shards.share(turns.streams) if shards else turns.streams
     by_persona = {}
     for persona in personas:

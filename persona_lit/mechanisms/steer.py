@@ -143,8 +143,11 @@ class SteerMechanism(Mechanism):
         return self.positions != "all"
 
     @property
-    def clean_history(self) -> bool:
-        return self.history == "clean" and not self._disabled
+    def clean_history(self) -> bool:  # with nothing to add the cache is clean already: no re-encoding
+        return self.history == "clean" and not self._disabled and not self._idle()
+
+    def _idle(self) -> bool:
+        return self.alpha == 0.0 and self.cap is None and not self.train_vector
 
     def disabled(self) -> ContextManager:
         return self.switched_off()
@@ -184,8 +187,7 @@ class SteerMechanism(Mechanism):
 
     def _hook(self, layer: int):
         def hook(module, args, kwargs, output):
-            vec = self.vectors[layer]
-            if self._disabled or (self.alpha == 0.0 and self.cap is None and vec.steer_delta is None):
+            if self._disabled or self._idle():
                 return None  # nothing to add: the block's output untouched (bit for bit)
             where = self._where(block_output(output))
             if where is False:
