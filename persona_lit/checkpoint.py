@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from persona_lit.errors import UserError
+from persona_lit.outputs import staged_file
 
 FORMAT_VERSION = "1"
 FINAL_NAME = "final.safetensors"
@@ -28,14 +27,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], config: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"persona_lit": json.dumps({"version": FORMAT_VERSION, "fingerprint": fingerprint, "config": config})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

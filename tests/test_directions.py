@@ -329,3 +329,21 @@ def test_smollm2_pirate_directions_agree_more_with_each_other_than_with_an_accou
     mentor, pirate, accountant = (extract(backbone, s, "reply_start", batch=10).vectors[15] for s in sources)
     c = cosine_matrix(torch.stack([mentor, pirate, accountant]))
     assert c[0, 1] > c[0, 2] + 0.1, c
+
+
+def test_saved_results_get_the_usual_permissions(tmp_path):
+    """Staged writes (mkstemp/mkdtemp are private) end with the umask's permissions, like any file."""
+    import os
+    import stat
+
+    from persona_lit.outputs import staged_dir
+
+    umask = os.umask(0o022)
+    try:
+        path = Direction(torch.ones(2, 3), torch.ones(2), {"model": "m"}).save(tmp_path / "d.safetensors")
+        with staged_dir(tmp_path / "out") as tmp:
+            (Path(tmp) / "x.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -20,14 +20,13 @@ file as `persona_lit.*` strings.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from persona_lit.errors import UserError
+from persona_lit.outputs import staged_file
 from persona_lit.steering.vectors import CONVENTION, Direction
 
 ARCH = "controlvector"
@@ -64,9 +63,7 @@ def export_gguf(direction: Direction, path: str | Path, layers: Sequence[int] | 
 
     path = Path(path)
     vectors = control_vectors(direction, layers)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", model_hint(direction))
         writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
@@ -81,13 +78,6 @@ def export_gguf(direction: Direction, path: str | Path, layers: Sequence[int] | 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a result file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

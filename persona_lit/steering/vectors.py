@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +21,7 @@ from torch import nn
 
 from persona_lit.backbones import decoder_layers
 from persona_lit.errors import UserError
+from persona_lit.outputs import staged_file
 
 FORMAT = "persona_lit.direction/1"
 CONVENTION = "index L = output of decoder block L (residual stream after it) = hidden_states[L + 1]"
@@ -47,20 +46,13 @@ class Direction:
     def save(self, path: str | Path) -> Path:
         """Atomic (temporary file + rename). Metadata values are JSON-encoded strings."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: json.dumps(v) for k, v in self.meta.items()}
         meta.update(format=json.dumps(FORMAT), layer_convention=json.dumps(CONVENTION),
                     direction_norm=json.dumps([round(float(x), 6) for x in self.vectors.float().norm(dim=-1)]))
         tensors = {"direction": self.vectors.float().contiguous().cpu(),
                    "activation_norm": self.activation_norm.float().contiguous().cpu()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with staged_file(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
 
