@@ -66,9 +66,10 @@ def assert_same_run(fast, row, ref):
     torch.testing.assert_close(fast.projection[row], ref.projection[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("positions", ["all", "response"])
-def test_single_pass_equals_full_recompute_every_token(backbone_factory, tmp_path, positions):
-    bb = backbone_factory("tiny-llama")
+@pytest.mark.parametrize("name, positions", [("tiny-llama", "all"), ("tiny-llama", "response"),
+                                             ("tiny-gemma3", "all")])  # Gemma: <end_of_turn>, sliding window 16
+def test_single_pass_equals_full_recompute_every_token(backbone_factory, tmp_path, name, positions):
+    bb = backbone_factory(name)
     path = direction_file(bb, tmp_path / "d.safetensors")
     mech = steered(bb, path, layers=[1], alpha=6.0, positions=positions)
     hooks = force_end_every(bb.model, bb.chat.end_id, 9)
@@ -194,10 +195,10 @@ def test_intervals_none_for_one_run_never_zero_width():
     spread = curve(torch.tensor([[1.0, 0.5], [0.8, 0.1], [0.9, 0.3]], dtype=torch.float64))
     assert all(lo < m < hi for lo, m, hi in zip(spread["ci_low"], spread["mean"], spread["ci_high"]))
     assert half_life_stats(torch.tensor([4.0]), torch.tensor([False]), 9)["ci_low"] is None
-    equal = half_life_stats(torch.tensor([4.0, 4.0]), torch.tensor([False, False]), 9)
-    assert equal["ci_low"] is None and "all runs equal" in format_half_life(equal)
-    full = half_life_stats(torch.tensor([4.0, 6.0, 5.0]), torch.tensor([False] * 3), 9)
-    assert full["ci_low"] < 5.0 < full["ci_high"]
+    equal = half_life_stats(torch.tensor([0.0, 0.0]), torch.tensor([False, False]), 9)  # Wilson, not [0, 0]
+    assert equal["interval"] == "wilson" and equal["ci_low"] == 0.0 < equal["ci_high"] <= 9
+    full = half_life_stats(torch.tensor([0.0, 6.0, 1.0]), torch.tensor([False] * 3), 9)
+    assert full["ci_low"] == 0.0 < full["mean"] < full["ci_high"] <= 9  # clipped to [0, n_release]
 
 
 def compose_eval(*overrides):

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from persona_lit.backbones import decoder_layers
+from persona_lit.backbones import decoder_layers, layer_types
 from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.metrics.drift import unit_interval
 from persona_lit.steering.vectors import block_output
@@ -133,13 +133,38 @@ def _generated_mask(chunks: Sequence[Sequence[bool]]) -> torch.Tensor:
     return torch.tensor([[False] * (width - len(c)) + list(c) for c in chunks], dtype=torch.bool)
 
 
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The smallest sliding-attention window of the model (Gemma-3), None when every layer is global."""
+    if "sliding_attention" not in layer_types(model):
+        return None
+    config = getattr(model.config, "text_config", None) or model.config
+    return int(config.sliding_window)
+
+
 @torch.no_grad()
 def run_arm(model: torch.nn.Module, chat, prompts: Sequence[Sequence[int]], seeds: Sequence[int], n_steer: int,
             n_release: int, mechanism, measure_layer: int, units: torch.Tensor, decoding: Decoding,
             steered: bool = True, continue_text: str = "Continue.") -> ArmTrace:
     """All rows (prompt, generator seed) as one left-padded batch through the single KV-cached pass (see the
     module docstring). steered=False: the control, every forward inside mechanism.disabled(). A mechanism
-    steering only `prompt` or `response` positions gets `assistant_mask` (True on generated tokens)."""
+    steering only `prompt` or `response` positions gets `assistant_mask` (True on generated tokens).
+
+    Padding between a row's real tokens (the other rows' Continue turns) takes slots of a sliding-attention
+    window in transformers' cache, so such a row would see fewer real tokens there than alone: when that can
+    have happened (the batch grew past the window), the rows are run again one at a time (exact, slower)."""
+    args = (n_steer, n_release, mechanism, measure_layer, units, decoding, steered, continue_text)
+    trace, slots, inner = _run_batch(model, chat, prompts, seeds, *args)
+    window = sliding_window(model)
+    if window is None or len(prompts) == 1 or slots <= window or not inner:
+        return trace
+    alone = [_run_batch(model, chat, [p], [s], *args)[0] for p, s in zip(prompts, seeds)]
+    return ArmTrace(torch.cat([a.tokens for a in alone]), torch.cat([a.projection for a in alone]),
+                    torch.cat([a.turn_end for a in alone]), [a.ids[0] for a in alone])
+
+
+def _run_batch(model, chat, prompts, seeds, n_steer, n_release, mechanism, measure_layer, units, decoding, steered,
+               continue_text) -> tuple[ArmTrace, int, bool]:
+    """run_arm on one padded batch; also the slot count and whether any row has padding between real tokens."""
     rows, total = len(prompts), n_steer + n_release
     runner = ConversationRunner(model, chat)  # only its forward_new: padding-aware positions and the cache
     conv = Conversation(None, rows)
@@ -161,7 +186,9 @@ def run_arm(model: torch.nn.Module, chat, prompts: Sequence[Sequence[int]], seed
                 conv.append(chunks, chat.pad_id)
                 fed = _generated_mask([[True] + [False] * (len(c) - 1) for c in chunks])
     projection = torch.stack(seen, 1)  # [rows, N, P]
-    return ArmTrace(tokens, projection, tokens == chat.end_id, [conv.row_ids(b) for b in range(rows)])
+    inner = bool((~conv.mask & (conv.mask.long().cumsum(1) > 0)).any())
+    trace = ArmTrace(tokens, projection, tokens == chat.end_id, [conv.row_ids(b) for b in range(rows)])
+    return trace, conv.tokens.shape[1], inner
 
 
 # ---- centring and statistics over runs -----------------------------------------------------------
@@ -224,12 +251,13 @@ def median_censored(values: Sequence[float], censored: Sequence[bool]) -> tuple[
 
 def half_life_stats(values: torch.Tensor, censored: torch.Tensor, n_release: int) -> dict[str, Any]:
     """Over runs with a steered level: the median (a lower bound when it touches a censored run), the mean
-    with a 95% t-interval when no run is censored (with censoring the mean is only a lower bound: no
-    interval is given), and the counts."""
+    with a 95% interval when no run is censored (with censoring the mean is only a lower bound: no
+    interval is given), and the counts. The interval is unit_interval's with bounds [0, n_release]: a
+    t-interval clipped to them, or, when every run has the same half-life, the Wilson interval rescaled."""
     keep = ~torch.isnan(values)
     v, c = values[keep].tolist(), censored[keep].tolist()
     median, median_lower = median_censored(v, c)
-    stats = unit_interval(v)
+    stats = unit_interval(v, (0.0, float(n_release)))
     out = {"n": len(v), "censored": int(sum(c)), "n_release": n_release, "median": median,
            "median_lower_bound": median_lower, "mean": stats["mean"], "mean_lower_bound": any(c),
            "ci_low": stats["ci_low"], "ci_high": stats["ci_high"], "interval": stats["interval"],
