@@ -11,9 +11,11 @@ from persona_lit.mechanisms.lyra import LyraMechanism
 from persona_lit.mechanisms.none import NoMechanism
 from persona_lit.mechanisms.steer import SteerMechanism
 from persona_lit.mechanisms.triplet import TripletMechanism
+from persona_lit.mechanisms.weight_steer import WeightSteerMechanism
 
 REGISTRY: dict[str, type[Mechanism]] = {"none": NoMechanism, "lora": LoraMechanism, "lyra": LyraMechanism,
                                         "triplet": TripletMechanism, "steer": SteerMechanism}
+REGISTRY["weight_steer"] = WeightSteerMechanism
 
 
 def build_mechanism(name: str, **options: Any) -> Mechanism:
