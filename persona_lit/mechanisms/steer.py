@@ -55,12 +55,12 @@ class SteerVector(nn.Module):
         self.norm = float(norm)
         self.steer_delta = nn.Parameter(torch.zeros_like(unit)) if train else None
 
-    def push(self, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-        """alpha * n_L * u_L (+ steer_delta), in `dtype`."""
+    def push(self, alpha: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """alpha * n_L * u_L (+ steer_delta), in `dtype` on `device` (the block's output's)."""
         v = self.steer_unit * (alpha * self.norm)
         if self.steer_delta is not None:
             v = v + self.steer_delta
-        return v.to(dtype)
+        return v.to(device=device, dtype=dtype)
 
 
 def _number(value: Any, key: str, allow_none: bool = False) -> float | None:
@@ -75,9 +75,9 @@ def _number(value: Any, key: str, allow_none: bool = False) -> float | None:
 class SteerMechanism(Mechanism):
     name = "steer"
 
-    def __init__(self, direction: str | None = None, layers: int | list[int] | None = None, alpha: float = 0.0,
-                 positions: str = "all", cap: float | None = None, history: str = "steered",
-                 train_vector: bool = False):
+    # Defaults: conf/mechanism/steer.yaml (the one place they are written).
+    def __init__(self, direction: str | None, layers: int | list[int] | None, alpha: float, positions: str,
+                 cap: float | None, history: str, train_vector: bool):
         if direction is None or not str(direction).strip():
             raise UserError(f"{KEY}.direction={direction}: give the path of a persona direction file "
                             f"(.safetensors, written by task=direction)")
@@ -123,7 +123,7 @@ class SteerMechanism(Mechanism):
             if odd:
                 raise UserError(f"{KEY}.history=clean: this model's KV cache has {odd[0]!r} layers, which cannot "
                                 f"be rolled back to re-encode a turn; allowed here: history=steered")
-        weight = blocks[0].parameters().__next__()
+        weight = model.get_input_embeddings().weight  # floating point even in a quantized model
         for i in self.layers:
             vec = SteerVector(self.direction.unit(i).to(device=weight.device, dtype=weight.dtype),
                               float(self.direction.activation_norm[i]), self.train_vector)
@@ -199,9 +199,9 @@ class SteerMechanism(Mechanism):
         """Block `layer`'s output `h` [B, T, H] as steered at positions `where`."""
         vec, new = self.vectors[layer], h
         if self.alpha != 0.0 or vec.steer_delta is not None:
-            new = new + vec.push(self.alpha, h.dtype)
+            new = new + vec.push(self.alpha, h.dtype, h.device)
         if self.cap is not None:
-            unit = vec.steer_unit.to(h.dtype)
+            unit = vec.steer_unit.to(device=h.device, dtype=h.dtype)
             deficit = (self.cap * vec.norm - (new.float() @ unit.float())[..., None]).clamp(min=0)
             new = torch.where(deficit > 0, new + deficit.to(h.dtype) * unit, new)
         return new if where is True else torch.where(where, new, h)
