@@ -277,6 +277,16 @@ def test_the_vector_moves_with_the_model_to_bf16(backbone_factory, tmp_path):
         assert torch.equal(logits(model, batch), logits(base.model, batch))
 
 
+def test_signature_defaults_are_the_yaml_defaults():
+    import inspect
+
+    from persona_lit.mechanisms.steer import SteerMechanism
+
+    signature = inspect.signature(SteerMechanism.__init__).parameters
+    yaml = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "mechanism" / "steer.yaml").options)
+    assert {k: p.default for k, p in signature.items() if k != "self"} == yaml
+
+
 @pytest.mark.parametrize("options,facts", [
     ({"direction": None}, ["mechanism.options.direction=None", "give the path"]),
     ({"direction": "/nonexistent/d.safetensors"}, ["mechanism.options.direction=/nonexistent", "not found"]),

@@ -75,9 +75,10 @@ def _number(value: Any, key: str, allow_none: bool = False) -> float | None:
 class SteerMechanism(Mechanism):
     name = "steer"
 
-    # Defaults: conf/mechanism/steer.yaml (the one place they are written).
-    def __init__(self, direction: str | None, layers: int | list[int] | None, alpha: float, positions: str,
-                 cap: float | None, history: str, train_vector: bool):
+    # Defaults as in conf/mechanism/steer.yaml, where they are documented (a test keeps the two equal).
+    def __init__(self, direction: str | None = None, layers: int | list[int] | None = None, alpha: float = 0.25,
+                 positions: str = "all", cap: float | None = None, history: str = "steered",
+                 train_vector: bool = False):
         if direction is None or not str(direction).strip():
             raise UserError(f"{KEY}.direction={direction}: give the path of a persona direction file "
                             f"(.safetensors, written by task=direction)")
