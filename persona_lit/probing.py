@@ -70,7 +70,13 @@ class Probing:
         targets = [self.chat._ids(it.answer)[: it.max_tokens] if it.max_tokens else
                    self.chat._ids(it.answer) + [self.chat.end_id] for it in chunk]
         fork.append([p + t for p, t in zip(prompts, targets)], self.chat.pad_id, pad_left=False)
-        result = self.forward_new(fork, output_hidden_states=True)
+        extra = {}
+        if getattr(self.mechanism, "uses_assistant_mask", False):  # e.g. steer positions=response: the scored
+            answer = torch.zeros(len(chunk), max(len(p) + len(t) for p, t in zip(prompts, targets)), dtype=torch.bool)
+            for i, (p, t) in enumerate(zip(prompts, targets)):  # answer is the response, as if generated
+                answer[i, len(p) : len(p) + len(t)] = True
+            extra["assistant_mask"] = answer.to(self.device)
+        result = self.forward_new(fork, output_hidden_states=True, **extra)
         scored = []
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             start = len(prompt) - 1

@@ -342,3 +342,35 @@ def test_evaluate_cli_drift_with_steering_clean_and_steered(backbone_factory, tm
         assert {"adherence/name", "adherence/name_baseline", "capability/kl_to_base"} <= set(metrics)
         kl[history] = metrics["capability/kl_to_base"]["mean"]
     assert kl["steered"] != kl["clean"]  # turn 3: the history differs
+
+
+@pytest.mark.parametrize("name,positions", [("tiny-llama", "response"), ("tiny-gemma3", "response"),
+                                            ("tiny-llama", "prompt")])
+def test_scored_answers_are_steered_as_responses(backbone_factory, tmp_path, name, positions):
+    """Probe margins and the capability cost score fixed answers in one forward: with positions=response the
+    answer tokens are steered (as when generated) and the prompt is not; checked against one full forward of
+    the whole sequence with that mask."""
+    from persona_lit.probing import ScoreItem
+
+    bb = backbone_factory(name)
+    model, mech = steer(bb, direction_file(bb, tmp_path / "d.safetensors"), layers=[1], alpha=4.0,
+                        positions=positions)
+    runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=4)
+    conv = runner.start(None, rows=1)  # the persona segment only: no steered answers in the history
+    question, answer = "What is your name?", "Captain Quill, and you may call me that."
+    scored = runner.score(conv, [ScoreItem(0, question, answer)])[0].mean_logp
+    with mech.disabled():
+        base = runner.score(conv, [ScoreItem(0, question, answer)])[0].mean_logp
+    prompt = bb.chat.user_turn_ids(question, conv.open_turn)
+    target = bb.chat._ids(answer) + [bb.chat.end_id]
+    history = conv.row_ids(0)
+    ids = torch.tensor([history + prompt + target])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(history) + len(prompt):] = True  # the answer's tokens are the response
+    with torch.no_grad():
+        out = model(input_ids=ids, assistant_mask=mask).logits[0].float()
+    start = len(history) + len(prompt) - 1
+    logp = torch.log_softmax(out[start : start + len(target)], -1)
+    expected = float(logp.gather(1, torch.tensor(target)[:, None]).mean())
+    assert abs(scored - base) > 1e-3  # the steering reached the scored tokens
+    assert scored == pytest.approx(expected, abs=1e-4)
