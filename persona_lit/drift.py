@@ -104,9 +104,10 @@ def _adherence(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list
 
 
 def _per_turn(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list[int], name: str,
-              value) -> dict[str, Any]:
-    """{name: mean and interval across conversations per turn} of value(record), where it is not None."""
-    metric, seen = PerTurnMean(probe_turns, **LOCAL), False
+              value, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """{name: mean and interval across conversations per turn} of value(record), where it is not None;
+    `bounds`: the value's range (the interval is clipped to it)."""
+    metric, seen = PerTurnMean(probe_turns, bounds=bounds, **LOCAL), False
     for c, (records, g) in enumerate(zip(arm, groups)):
         for r in records:
             v = value(r)
@@ -125,9 +126,9 @@ def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns:
                     suffix: str) -> dict[str, Any]:
     out = _per_turn(arm, groups, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
     out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_base{suffix}",
-                         lambda r: r.capability["kl_to_base"] if r.capability else None))
+                         lambda r: r.capability["kl_to_base"] if r.capability else None, (0.0, math.inf)))
     out.update(_per_turn(arm, groups, probe_turns, f"capability/perplexity{suffix}",
-                         lambda r: math.exp(r.capability["nll"]) if r.capability else None))
+                         lambda r: math.exp(r.capability["nll"]) if r.capability else None, (1.0, math.inf)))
     for key in ("persona", "coherence"):
         out.update(_per_turn(arm, groups, probe_turns, f"judge/{key}{suffix}",
                              lambda r, key=key: r.judge[key] if r.judge else None))

@@ -252,3 +252,20 @@ def test_baseline_arm_in_results_report_and_transcript(tmp_path):
             if line.startswith("| adherence/name |")}
     assert rows["4"].endswith("| better |") and rows["1"].endswith("| no clear difference |")
     assert rows["0"].endswith("| no interval |") and "n=1: no interval" in rows["0"]
+
+
+def test_nonnegative_costs_never_get_an_interval_below_their_range():
+    """KL to base (>= 0) and perplexity (>= 1) over two spread-out conversations: a t-interval with n=2 reaches
+    far below the mean; it is clipped to the value's range, and all-equal values still get no interval."""
+    from persona_lit.drift import _record_metrics
+
+    def arm(values):
+        return [[TurnRecord(2, "q", "a", "", 10, capability={"kl_to_base": v, "nll": math.log(1 + v)})]
+                for v in values]
+
+    m = _record_metrics(arm([0.05, 0.6]), [0, 0], [2], "")
+    kl, ppl = m["capability/kl_to_base"], m["capability/perplexity"]
+    assert kl["ci_low"] == [0.0] and kl["ci_high"][0] > 0.6 and kl["interval"] == ["t"]
+    assert ppl["ci_low"] == [1.0] and ppl["ci_high"][0] > 1.6
+    same = _record_metrics(arm([0.2, 0.2]), [0, 0], [2], "")["capability/kl_to_base"]
+    assert same["ci_low"] == [None] and same["interval"] == ["none"]

@@ -58,14 +58,15 @@ def wilson_interval(passed: float, n: float, z: float = 1.96) -> tuple[float, fl
 
 def unit_interval(units: Sequence[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """Mean, 95% interval and method over independent unit values (see the module docstring). `bounds`: the
-    range of a bounded value (a proportion: (0, 1); a difference of proportions: (-1, 1))."""
+    range of a bounded value (a proportion: (0, 1); a difference of proportions: (-1, 1); a KL: (0, inf),
+    where the interval is only clipped)."""
     n = len(units)
     mean, low, high = t_interval(units)
     method = "t" if low is not None else "none"
     if n >= 2 and max(units) == min(units):  # no spread: the t-interval would be zero width
         low = high = None
         method = "none"
-        if bounds is not None and bounds[0] <= mean <= bounds[1]:
+        if bounds is not None and bounds[0] <= mean <= bounds[1] and math.isfinite(bounds[1] - bounds[0]):
             a, width = bounds[0], bounds[1] - bounds[0]  # rescaled to [0, 1], Wilson, scaled back
             q_low, q_high = wilson_interval((mean - a) / width * n, n)
             low, high, method = a + q_low * width, a + q_high * width, "wilson"
