@@ -48,7 +48,7 @@ def test_sweep_alpha_zero_is_the_control_arm_and_the_reference_is_the_baseline_a
     report = (out / "report.md").read_text()
     assert "Rule: At turn 2" in report and "| 4 |" in report and "none (persona prompt" in report
     rec = results["recommendation"]
-    assert rec == recommend(results["sweep"], "name", 2, 100.0)
+    assert rec == recommend(results["sweep"], "adherence/name", "name adherence", 2, 100.0)
 
 
 def per_turn(mean, low=None, high=None):
@@ -62,9 +62,14 @@ def test_recommendation_follows_the_stated_rule():
                                 (2, (0.6, 0.4, 0.8), 0.2),   # qualifies
                                 (4, (0.7,), 0.5),            # no interval: its mean is above; KL at the budget
                                 (8, (0.9, 0.8, 1.0), 0.9)]]  # over the KL budget
-    rec = recommend(sweep, "name", 4, 0.5)
+    rec = recommend(sweep, "adherence/name", "name adherence", 4, 0.5)
     assert rec["alphas"] == [2, 4] and rec["range"] == [2, 4]
-    assert recommend(sweep, "name", 4, 0.05)["range"] is None
+    assert recommend(sweep, "adherence/name", "name adherence", 4, 0.05)["range"] is None
+    # the margin measure reads likelihood_margin with the same rule
+    margins = [{"alpha": s["alpha"], "metrics": {"likelihood_margin": s["metrics"]["adherence/name"],
+                                                 "capability/kl_to_base": s["metrics"]["capability/kl_to_base"]}}
+               for s in sweep]
+    assert recommend(margins, "likelihood_margin", "margin", 4, 0.5)["alphas"] == [2, 4]
 
 
 @pytest.mark.parametrize("overrides,facts", [
@@ -74,6 +79,7 @@ def test_recommendation_follows_the_stated_rule():
     (["mechanism=none"], ["mechanism=none", "needs mechanism=steer"]),
     (["devices=2"], ["devices=2", "devices=1"]),
     (["capability_exchanges=0"], ["capability_exchanges=0", ">= 1"]),
+    (["task.metric=vibes"], ["task.metric=vibes", "adherence, margin"]),
 ])
 def test_bad_sweep_settings_are_one_line_user_errors(tmp_path, overrides, facts):
     steer = "mechanism=none" not in overrides

@@ -7,8 +7,12 @@ direction alone carries the persona and alpha=0 is the base model with no person
 arm). With task.system_prompt=true the persona prompt stays and alpha=0 is mechanism=none. task.reference adds
 the `none` arm (persona as system prompt, steering off) as a reference point when it is not alpha=0 already.
 
+The measure (task.metric): `adherence` (the fraction of task.probe_kind probes passed) or `margin` (the
+likelihood margin log p(persona answer) - log p(default answer) per token over every probe: continuous, so it
+still moves on a small model whose answers pass no probe at any alpha).
+
 Recommendation rule (written into report.md): at the rule's turn T (task.turn, default the last probe turn),
-an alpha qualifies when its adherence (task.probe_kind) beats alpha=0 (the lower end of its 95% interval, or its
+an alpha qualifies when its measure beats alpha=0 (the lower end of its 95% interval, or its
 mean where it has no interval, is above alpha=0's mean) and its mean KL to base is at most task.max_kl. The
 recommended range runs from the smallest to the largest qualifying alpha.
 """
@@ -29,6 +33,14 @@ from persona_lit.evaluation import drift_inputs, drift_placement, drift_setup
 from persona_lit.outputs import staged_dir
 
 KL = "capability/kl_to_base"
+METRICS = ("adherence", "margin")
+
+
+def measure(metric: str, kind: str) -> tuple[str, str]:
+    """(results key, axis label) of task.metric."""
+    if metric == "margin":
+        return "likelihood_margin", "likelihood margin (persona - default), nats/token"
+    return f"adherence/{kind}", f"{kind} adherence"
 
 
 def _check(cfg: DictConfig) -> tuple[list[float], float]:
@@ -39,6 +51,8 @@ def _check(cfg: DictConfig) -> tuple[list[float], float]:
         raise UserError(f"task.alphas={alphas}: need a non-empty list of numbers, e.g. [0, 1, 2, 4, 8]")
     if len(set(alphas)) != len(alphas) or 0 not in alphas:
         raise UserError(f"task.alphas={alphas}: need distinct values including 0 (the reference of the rule)")
+    if str(task.metric) not in METRICS:
+        raise UserError(f"task.metric={task.metric}: unknown; allowed: {', '.join(METRICS)}")
     max_kl = task.max_kl
     if isinstance(max_kl, bool) or not isinstance(max_kl, (int, float)) or not max_kl > 0:
         raise UserError(f"task.max_kl={max_kl}: need a number > 0 (nats per token)")
@@ -70,6 +84,8 @@ def run_task(cfg: DictConfig) -> Path:
     kinds = sorted({p.kind for persona in setup.personas for p in persona.probes})
     if kind not in kinds:
         raise UserError(f"task.probe_kind={kind}: the personas' probes have kinds {kinds}")
+    metric = str(cfg.task.metric)
+    key, label = measure(metric, kind)
     with_prompt = bool(cfg.task.system_prompt)
     steered = [p if with_prompt else dataclasses.replace(p, system_prompt=None) for p in setup.personas]
 
@@ -90,19 +106,20 @@ def run_task(cfg: DictConfig) -> Path:
     if cfg.task.reference and not with_prompt:
         with mech.disabled():
             reference = arm(setup.personas)
-    rule = recommend(sweep, kind, turn, max_kl)
+    rule = recommend(sweep, key, label, turn, max_kl)
     results = {
         "run": {"ckpt": str(cfg.ckpt), "model": setup.backbone.name, "mechanism": mech.name,
                 "persona": ", ".join(p.name for p in setup.personas), "turns": int(cfg.turns),
                 "conversations": int(cfg.conversations), "probe_turns": probe_turns, "device": str(device),
                 "precision": setup.precision, "layers": mech.layers, "positions": mech.positions,
                 "history": mech.history, "cap": mech.cap},
-        "task": {"alphas": alphas, "system_prompt": with_prompt, "turn": turn, "probe_kind": kind, "max_kl": max_kl},
+        "task": {"alphas": alphas, "system_prompt": with_prompt, "turn": turn, "probe_kind": kind, "metric": metric,
+                 "max_kl": max_kl},
         "sweep": sweep, "reference_none": reference, "recommendation": rule, "config": setup.config,
     }
     with staged_dir(out_dir) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
-        plot(tmp / "sweep.png", sweep, reference, kind, turn, max_kl, results["run"])
+        plot(tmp / "sweep.png", sweep, reference, key, label, turn, max_kl, results["run"])
         (tmp / "report.md").write_text(report(results))
     print(f"persona_lit: steering sweep written to {out_dir} (report.md, results.json, sweep.png)")
     return out_dir
@@ -116,15 +133,15 @@ def at_turn(m: dict[str, Any] | None, turn: int) -> tuple[float, float | None, f
     return None if m["mean"][i] is None else (m["mean"][i], m["ci_low"][i], m["ci_high"][i])
 
 
-def recommend(sweep: list[dict[str, Any]], kind: str, turn: int, max_kl: float) -> dict[str, Any]:
-    text = (f"At turn {turn}, an alpha qualifies when its {kind} adherence beats alpha=0 (the lower end of its 95% "
+def recommend(sweep: list[dict[str, Any]], key: str, label: str, turn: int, max_kl: float) -> dict[str, Any]:
+    text = (f"At turn {turn}, an alpha qualifies when its {label} beats alpha=0 (the lower end of its 95% "
             f"interval, or its mean where it has no interval, is above alpha=0's mean) and its mean KL to the base "
             f"model is at most max_kl={max_kl:g} nats/token. Recommended: the smallest to the largest qualifying "
             f"alpha.")
-    zero = at_turn(next(s for s in sweep if s["alpha"] == 0)["metrics"].get(f"adherence/{kind}"), turn)
+    zero = at_turn(next(s for s in sweep if s["alpha"] == 0)["metrics"].get(key), turn)
     chosen = []
     for s in sweep:
-        adh, kl = at_turn(s["metrics"].get(f"adherence/{kind}"), turn), at_turn(s["metrics"].get(KL), turn)
+        adh, kl = at_turn(s["metrics"].get(key), turn), at_turn(s["metrics"].get(KL), turn)
         if s["alpha"] == 0 or adh is None or kl is None or zero is None:
             continue
         floor = adh[1] if adh[1] is not None else adh[0]
@@ -141,7 +158,8 @@ def _fmt(v: tuple | None) -> str:
 
 def report(results: dict[str, Any]) -> str:
     run, task, rec = results["run"], results["task"], results["recommendation"]
-    kind, turn = task["probe_kind"], task["turn"]
+    turn = task["turn"]
+    key, label = measure(task.get("metric", "adherence"), task["probe_kind"])
     first = results["run"]["probe_turns"][0]
     arm = ("the persona prompt kept (alpha=0 = mechanism=none)" if task["system_prompt"] else
            "no system prompt (alpha=0 = the base model with no persona; the direction alone carries the persona)")
@@ -150,14 +168,14 @@ def report(results: dict[str, Any]) -> str:
              f"cap={run['cap']}); alpha in units of each layer's activation norm. Steered arm: {arm}. "
              f"{run['conversations']} conversations of {run['turns']} turns; means with 95% intervals over "
              f"conversations (clustered by persona).", "",
-             f"| alpha | {kind} adherence, turn {first} | {kind} adherence, turn {turn} | KL to base, turn {turn} "
+             f"| alpha | {label}, turn {first} | {label}, turn {turn} | KL to base, turn {turn} "
              f"| perplexity, turn {turn} | qualifies |", "|---|---|---|---|---|---|"]
     rows = [(f"{s['alpha']:g}", s["metrics"], "yes" if s["alpha"] in rec["alphas"] else "")
             for s in results["sweep"]]
     if results["reference_none"]:
         rows.append(("none (persona prompt, no steering)", results["reference_none"], "reference"))
     for label, m, mark in rows:
-        adh = m.get(f"adherence/{kind}")
+        adh = m.get(key)
         lines.append(f"| {label} | {_fmt(at_turn(adh, first))} | {_fmt(at_turn(adh, turn))} | "
                      f"{_fmt(at_turn(m.get(KL), turn))} | {_fmt(at_turn(m.get('capability/perplexity'), turn))} "
                      f"| {mark} |")
@@ -172,8 +190,8 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, sweep, reference, kind: str, turn: int, max_kl: float, run: dict[str, Any]) -> None:
-    """Adherence against KL to base at `turn`, one labelled point per alpha, 95% interval bars where there are."""
+def plot(path: Path, sweep, reference, key: str, label: str, turn: int, max_kl: float, run: dict[str, Any]) -> None:
+    """The measure (adherence or margin) against KL to base at `turn`, one labelled point per alpha, 95% interval bars where there are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +203,7 @@ def plot(path: Path, sweep, reference, kind: str, turn: int, max_kl: float, run:
         points.append(("none (prompt)", reference, "*"))
     xs, ys = [], []
     for label, m, marker in points:
-        adh, kl = at_turn(m.get(f"adherence/{kind}"), turn), at_turn(m.get(KL), turn)
+        adh, kl = at_turn(m.get(key), turn), at_turn(m.get(KL), turn)
         if adh is None or kl is None:
             continue
         xerr = [[kl[0] - kl[1]], [kl[2] - kl[0]]] if kl[1] is not None else None
@@ -199,7 +217,7 @@ def plot(path: Path, sweep, reference, kind: str, turn: int, max_kl: float, run:
     ax.plot(xs, ys, "-", color="tab:blue", alpha=0.3)
     ax.axvline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"max_kl = {max_kl:g}")
     ax.set_xlabel(f"KL(model || base), nats/token, turn {turn}")
-    ax.set_ylabel(f"{kind} adherence, turn {turn}")
+    ax.set_ylabel(f"{label}, turn {turn}")
     ax.set_title(f"steering strength: {run['persona']} ({run['model']}, blocks {run['layers']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
