@@ -37,6 +37,8 @@ def train(cfg: DictConfig) -> Path:
         backbone = load_backbone(cfg.model)
         model, mechanism = attach_mechanism(backbone, cfg.mechanism)
         datamodule = instantiate(cfg.data, chat=backbone.chat, persona=persona)
+        if hasattr(datamodule, "bind_model"):  # data answered by the base model itself (data=contrastive)
+            datamodule.bind_model(model, mechanism.disabled)
         datamodule.setup("fit")  # fail on bad data before any run artifact is made
         config = run_config(cfg, persona)
         module = PersonaLitModule(

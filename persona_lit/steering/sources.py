@@ -90,7 +90,7 @@ def _default_instructions(root: Path, model_name: str) -> list[str | None]:
     return [item["pos"].replace("{model_name}", model_name) or None for item in items]
 
 
-def _exchange_questions(path: Path) -> list[str]:
+def exchange_questions(path: Path) -> list[str]:
     """The user turns of a persona's exchanges file (chat `messages` JSONL)."""
     if not path.is_file():
         raise UserError(f"{path}: the persona's exchanges file is missing")
@@ -121,7 +121,7 @@ def parse_source(spec: str, index: int, root: Path, model_name: str, instruction
         persona = load_persona(name)
         asked = [p.question for p in persona.probes]
         if persona.exchanges_path is not None:
-            asked += _exchange_questions(Path(persona.exchanges_path))
+            asked += exchange_questions(Path(persona.exchanges_path))
         asked = list(dict.fromkeys(q for q in asked if q.strip()))[:questions]
         if not asked:
             raise UserError(f"{key}={spec}: persona {persona.name!r} has no probe questions and no exchanges")

@@ -1,0 +1,207 @@
+"""Contrastive persona data (`data=contrastive`): one side of a pos/neg pair, answered by the base model itself.
+
+For a trait (assistant-axis traits/instructions/<name>.json: "pos" and "neg" instructions, 40 questions), a role
+(roles/instructions/<name>.json against the default assistant's instructions) or a persona (its system prompt
+against the model's default system prompt), every question is asked under every kept instruction of both
+sides, and the base model answers greedily (mechanism disabled). The answers are generated once and cached as
+JSONL, keyed by the model's fingerprint, the source and the generation settings: line 1 holds the settings,
+each further line one answer. Training examples are [question, answer] **without** the instruction, so an
+adapter trained on `side=pos` internalises the pos side and one trained on `side=neg` the other; their
+difference is the persona direction in weight space (task=weight_diff).
+
+Persona questions are the user turns of the persona's exchanges file, then the assistant-axis extraction
+questions; the persona's probe questions are never among them (they are what the drift protocol asks).
+
+    python train.py mechanism=lora data=contrastive data.trait=optimistic data.side=pos
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from persona_lit.chat import ChatTokenizer
+from persona_lit.data.dialogues import BucketBatchSampler, Collator
+from persona_lit.errors import UserError
+from persona_lit.personas import Persona
+
+SIDES = ("pos", "neg")
+FORMAT = "persona_lit.contrastive.v1"
+
+
+def _persona_source(persona: Persona, root: Path, questions: int):
+    from persona_lit.steering.sources import Source, exchange_questions
+
+    probes = {p.question.strip() for p in persona.probes}
+    asked = exchange_questions(Path(persona.exchanges_path)) if persona.exchanges_path is not None else []
+    extra = root / "extraction_questions.jsonl"
+    if extra.is_file():
+        for n, line in enumerate(extra.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    asked.append(str(json.loads(line)["question"]))
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"{extra}:{n}: expected {{\"question\": text}}") from None
+    asked = [q for q in dict.fromkeys(q.strip() for q in asked) if q and q not in probes][:questions]
+    if not asked:
+        raise UserError(f"persona={persona.key}: no questions (its exchanges file and {extra} hold none)")
+    return Source(f"persona:{persona.key}", "persona", persona.key, [(persona.system_prompt, q) for q in asked],
+                  [(None, q) for q in asked])
+
+
+def contrastive_source(trait: str | None, role: str | None, persona: Persona, root: Path, model_name: str,
+                       instructions: int, questions: int):
+    """The (instruction, question) pairs of both sides: of data.trait or data.role if one is given, else of
+    the run's persona (its system prompt against the model's default)."""
+    given = {k: v for k, v in (("trait", trait), ("role", role)) if v not in (None, "")}
+    if len(given) > 1:
+        raise UserError(f"data.trait={trait}, data.role={role}: give at most one (neither: the run's persona=)")
+    for key, value in (("data.instructions", instructions), ("data.questions", questions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{key}={value!r}: must be an integer >= 1")
+    if not given:
+        return _persona_source(persona, root, questions)
+    from persona_lit.steering.sources import parse_source
+
+    (kind, name), = given.items()
+    try:
+        return parse_source(f"{kind}:{name}", 0, root, model_name, instructions, questions)
+    except UserError as e:  # its messages name task.sources[0]; here the key is data.<kind>
+        raise UserError(str(e).replace(f"task.sources[0]={kind}:{name}", f"data.{kind}={name}")
+                        .replace("task.assistant_axis_dir", "data.assistant_axis_dir")) from None
+
+
+class ContrastiveDataModule(L.LightningDataModule):
+    """One side of contrastive persona data; needs the base model once (bind_model) to answer the questions."""
+
+    def __init__(self, chat: ChatTokenizer, persona: Persona, side: str, trait: str | None = None,
+                 role: str | None = None, assistant_axis_dir: str = "", model_name: str = "",
+                 instructions: int = 2, questions: int = 40, max_new_tokens: int = 64, generation_batch: int = 16,
+                 cache_dir: str = "outputs/contrastive", max_length: int = 256, batch_size: int = 8,
+                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if side not in SIDES:
+            raise UserError(f"data.side={side!r}: unknown; allowed: pos, neg")
+        for key, value in (("data.max_new_tokens", max_new_tokens), ("data.generation_batch", generation_batch),
+                           ("data.batch_size", batch_size), ("data.max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{key}={value!r}: must be an integer >= 1")
+        if not 0 <= float(val_fraction) < 1:
+            raise UserError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if not isinstance(persona, Persona):  # hydra.utils.instantiate hands a dataclass kwarg over as a DictConfig
+            from omegaconf import OmegaConf
+
+            persona = OmegaConf.to_object(persona)
+        self.chat, self.side = chat, side
+        self.root = Path(str(assistant_axis_dir)).expanduser()
+        self.source = contrastive_source(trait, role, persona, self.root, model_name, instructions, questions)
+        self.instructions, self.questions = instructions, questions
+        self.max_new_tokens, self.generation_batch = max_new_tokens, generation_batch
+        self.cache_dir, self.max_length, self.batch_size = Path(str(cache_dir)), max_length, batch_size
+        self.val_fraction, self.seed, self.num_workers = float(val_fraction), seed, num_workers
+        self._model: torch.nn.Module | None = None
+        self._disabled: Callable[[], ContextManager] | None = None
+        self.cache_path: Path | None = None
+        self.train_examples: list = []
+        self.val_examples: list = []
+
+    # the base model answers once ------------------------------------------------------------------------
+    def bind_model(self, model: torch.nn.Module, disabled: Callable[[], ContextManager]) -> None:
+        """The model to answer with, and the context in which it is the base model (mechanism.disabled)."""
+        self._model, self._disabled = model, disabled
+
+    def settings(self, fingerprint: str) -> dict[str, Any]:
+        return {"format": FORMAT, "fingerprint": fingerprint, "source": self.source.spec,
+                "instructions": self.instructions, "questions": self.questions,
+                "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
+
+    def _cache_file(self, settings: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        return self.cache_dir / f"{self.source.slug}-{digest}.jsonl"
+
+    def answers(self) -> list[dict[str, Any]]:
+        """Every (side, instruction, question, answer) record: from the cache, or generated and cached."""
+        if self._model is None:
+            raise RuntimeError("ContrastiveDataModule.bind_model(model, mechanism.disabled) must come before setup")
+        from persona_lit.backbones import fingerprint
+
+        settings = self.settings(fingerprint(self._model))
+        path = self._cache_file(settings)
+        self.cache_path = path
+        cached = read_cache(path, settings)
+        if cached is not None:
+            print(f"persona_lit: contrastive data: {len(cached)} cached answers from {path}", flush=True)
+            return cached
+        from persona_lit.outputs import staged_file
+        from persona_lit.steering.directions import generate
+
+        pairs = [("pos", s, q) for s, q in self.source.pos] + [("neg", s, q) for s, q in self.source.neg]
+        print(f"persona_lit: contrastive data: the base model answers {len(pairs)} questions "
+              f"({self.source.spec}, both sides, {self.max_new_tokens} new tokens, greedy)", flush=True)
+        assert self._disabled is not None
+        with self._disabled(), torch.no_grad():
+            samples = generate(self._model, self.chat, [(s, q) for _, s, q in pairs], self.max_new_tokens,
+                               self.generation_batch)
+        records = [{"side": side, "instruction": system, "question": q, "answer": self.chat.decode(x.answer).strip()}
+                   for (side, system, q), x in zip(pairs, samples)]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with staged_file(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"settings": settings}) + "\n")
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print(f"persona_lit: contrastive data cached in {path}", flush=True)
+        return records
+
+    # training examples: [question, answer] without the instruction ------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples:
+            return
+        records = [r for r in self.answers() if r["side"] == self.side and r["answer"]]
+        examples = []
+        for r in records:
+            ids, mask, segments = (x[: self.max_length] for x in self.chat.encode_segments(
+                [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]))
+            if any(mask):
+                examples.append((ids, mask, segments))
+        if not examples:
+            raise UserError(f"data.side={self.side}: no usable answers for {self.source.spec} (all empty or cut at "
+                            f"data.max_length={self.max_length})")
+        random.Random(self.seed).shuffle(examples)
+        n_val = int(len(examples) * self.val_fraction) if len(examples) >= 10 else 0
+        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+
+    def _loader(self, examples: Sequence, shuffle: bool) -> DataLoader:
+        sampler = BucketBatchSampler([len(e[0]) for e in examples], self.batch_size, self.seed, shuffle)
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=Collator(self.chat.pad_id),
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+
+
+def read_cache(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The cached records if `path` holds answers made with exactly `settings`, else None (regenerate)."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+    except ValueError:
+        raise UserError(f"{path}: a damaged contrastive cache (not JSONL); delete it to regenerate") from None
+    if not isinstance(header, dict) or header.get("settings") != settings:
+        return None
+    if not all(isinstance(r, dict) and r.get("side") in SIDES and isinstance(r.get("answer"), str) for r in records):
+        raise UserError(f"{path}: a damaged contrastive cache (records lack side/answer); delete it to regenerate")
+    return records
