@@ -11,6 +11,7 @@ from persona_lit.evaluation import evaluate
 from persona_lit.steering.sweep import recommend
 from tests.conftest import REPO
 from tests.test_steer import direction_file
+from tests.test_weight_steer import delta_file  # noqa: F401 (a fixture)
 
 SMALL = ["model=tiny-llama", "mechanism=steer", "persona=stoic", "turns=2", "probe_turns=[0,2]", "conversations=2",
          "max_new_tokens=5", "probe_max_new_tokens=4", "capability_exchanges=1", "capability_tokens=8",
@@ -89,3 +90,41 @@ def test_bad_sweep_settings_are_one_line_user_errors(tmp_path, overrides, facts)
     message = str(err.value)
     assert "\n" not in message and all(f in message for f in facts), message
     assert not (tmp_path / "o").exists()
+
+
+def test_weight_steer_sweep_and_side_by_side_with_activation_steering(backbone_factory, tmp_path, delta_file):
+    """mechanism=weight_steer sweeps like steer (alpha changed in place re-merges; alpha 0 = the base model), and
+    task=sweep_compare puts both on one table and plot; sweeps of different metrics are refused."""
+    from persona_lit.steering.sweep_compare import run_task as compare
+
+    delta = delta_file()
+    weights, act = tmp_path / "w", tmp_path / "a"
+    evaluate(config("task=steer_sweep", "mechanism=weight_steer", f"mechanism.options.delta={delta}",
+                    "task.alphas=[0,3]", "task.max_kl=100", f"out_dir={weights}", steer=False))
+    results = json.loads((weights / "results.json").read_text())
+    by_alpha = {s["alpha"]: s["metrics"] for s in results["sweep"]}
+    assert results["run"]["mechanism"] == "weight_steer" and results["run"]["delta"] == str(delta)
+    assert by_alpha[0.0]["capability/kl_to_base"]["mean"][0] == pytest.approx(0.0, abs=1e-6)
+    assert by_alpha[3.0]["capability/kl_to_base"]["mean"][0] > 1e-4
+    assert "mechanism=weight_steer, W + alpha·ΔW" in (weights / "report.md").read_text()
+    path = direction_file(backbone_factory("tiny-llama"), tmp_path / "d.safetensors")
+    evaluate(config("task=steer_sweep", f"mechanism.options.direction={path}", "task.alphas=[0,4]",
+                    "task.max_kl=100", f"out_dir={act}"))
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["task=sweep_compare", f"task.runs=[{act},{weights}]",
+                                             f"out_dir={tmp_path / 'c'}"])
+        compare(cfg)
+        rows = json.loads((tmp_path / "c" / "results.json").read_text())["rows"]
+        assert [(r["run"], r["alpha"]) for r in rows] == [("activation steer (blocks [1, 2])", 0.0),
+                                                          ("activation steer (blocks [1, 2])", 4.0),
+                                                          ("weight steer", 0.0), ("weight steer", 3.0)]
+        assert rows[0]["kl"][0] == pytest.approx(rows[2]["kl"][0], abs=1e-6)  # both alpha=0: the base model
+        assert (tmp_path / "c" / "compare.png").is_file()
+        assert "persona prompt, no steering" in (tmp_path / "c" / "report.md").read_text()
+        other = json.loads((weights / "results.json").read_text())
+        other["task"]["metric"] = "margin"
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "results.json").write_text(json.dumps(other))
+        with pytest.raises(UserError, match=r"task.runs\[1\]=.*task.metric=margin but adherence"):
+            compare(compose("evaluate", overrides=["task=sweep_compare", f"task.runs=[{act},{tmp_path / 'm'}]",
+                                                   f"out_dir={tmp_path / 'c2'}"]))

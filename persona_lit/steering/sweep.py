@@ -1,6 +1,8 @@
 """`task=steer_sweep`: guidance on steering strength. The drift protocol runs once per alpha with mechanism=steer
-(the attached mechanism's alpha changed in place: one model load), and each alpha's adherence is set against its
-capability cost (KL to the base model), per probe turn with the intervals of persona_lit.drift.summarize.
+(activation steering) or mechanism=weight_steer (W + alpha·ΔW; its control=random too), the attached mechanism's
+alpha changed in place (one model load), and each alpha's adherence is set against its capability cost (KL to
+the base model), per probe turn with the intervals of persona_lit.drift.summarize. Several sweeps side by side:
+task=sweep_compare (steering/sweep_compare.py).
 
 The steered arm: by default (task.system_prompt=false) the persona's probes with no system prompt, so the
 direction alone carries the persona and alpha=0 is the base model with no persona (the drift protocol's control
@@ -34,6 +36,22 @@ from persona_lit.outputs import staged_dir
 
 KL = "capability/kl_to_base"
 METRICS = ("adherence", "margin")
+MECHANISMS = ("steer", "weight_steer")  # mechanisms whose strength is an in-place `alpha`
+
+
+def settings(mech: Any) -> dict[str, Any]:
+    """What the swept mechanism is, besides alpha (written into results.json and the report)."""
+    if mech.name == "steer":
+        return {"layers": mech.layers, "positions": mech.positions, "history": mech.history, "cap": mech.cap}
+    return {"delta": mech.delta_path, "control": mech.control, "seed": mech.seed}
+
+
+def describe(run: dict[str, Any]) -> str:
+    if run.get("mechanism", "steer") == "steer":
+        return (f"mechanism=steer at blocks {run['layers']} (positions={run['positions']}, history={run['history']}, "
+                f"cap={run['cap']}); alpha in units of each layer's activation norm")
+    control = "" if run.get("control") is None else f", control={run['control']} (seed {run.get('seed')})"
+    return f"mechanism=weight_steer, W + alpha·ΔW with ΔW from {run['delta']}{control}"
 
 
 def measure(metric: str, kind: str) -> tuple[str, str]:
@@ -56,8 +74,8 @@ def _check(cfg: DictConfig) -> tuple[list[float], float]:
     max_kl = task.max_kl
     if isinstance(max_kl, bool) or not isinstance(max_kl, (int, float)) or not max_kl > 0:
         raise UserError(f"task.max_kl={max_kl}: need a number > 0 (nats per token)")
-    if not cfg.ckpt and cfg.mechanism.name != "steer":
-        raise UserError(f"mechanism={cfg.mechanism.name}: task=steer_sweep needs mechanism=steer")
+    if not cfg.ckpt and cfg.mechanism.name not in MECHANISMS:
+        raise UserError(f"mechanism={cfg.mechanism.name}: task=steer_sweep needs mechanism=steer or weight_steer")
     if int(cfg.devices) != 1:
         raise UserError(f"devices={cfg.devices}: task=steer_sweep runs in one process; use devices=1")
     if cfg.judge.url:
@@ -75,8 +93,9 @@ def run_task(cfg: DictConfig) -> Path:
     _, _, device = drift_placement(cfg)
     setup = drift_setup(cfg, turns, chosen, device)
     mech, runner, probe_turns = setup.mechanism, setup.runner, setup.probe_turns
-    if mech.name != "steer":
-        raise UserError(f"ckpt={cfg.ckpt}: a {mech.name} checkpoint; task=steer_sweep needs mechanism=steer")
+    if mech.name not in MECHANISMS:
+        raise UserError(f"ckpt={cfg.ckpt}: a {mech.name} checkpoint; task=steer_sweep needs mechanism=steer or "
+                        f"weight_steer")
     turn = probe_turns[-1] if cfg.task.turn is None else int(cfg.task.turn)
     if turn not in probe_turns:
         raise UserError(f"task.turn={cfg.task.turn}: not a probe turn; allowed: {probe_turns}")
@@ -111,8 +130,7 @@ def run_task(cfg: DictConfig) -> Path:
         "run": {"ckpt": str(cfg.ckpt), "model": setup.backbone.name, "mechanism": mech.name,
                 "persona": ", ".join(p.name for p in setup.personas), "turns": int(cfg.turns),
                 "conversations": int(cfg.conversations), "probe_turns": probe_turns, "device": str(device),
-                "precision": setup.precision, "layers": mech.layers, "positions": mech.positions,
-                "history": mech.history, "cap": mech.cap},
+                "precision": setup.precision, **settings(mech)},
         "task": {"alphas": alphas, "system_prompt": with_prompt, "turn": turn, "probe_kind": kind, "metric": metric,
                  "max_kl": max_kl},
         "sweep": sweep, "reference_none": reference, "recommendation": rule, "config": setup.config,
@@ -164,8 +182,7 @@ def report(results: dict[str, Any]) -> str:
     arm = ("the persona prompt kept (alpha=0 = mechanism=none)" if task["system_prompt"] else
            "no system prompt (alpha=0 = the base model with no persona; the direction alone carries the persona)")
     lines = [f"# Steering strength sweep: {run['persona']} on {run['model']}", "",
-             f"mechanism=steer at blocks {run['layers']} (positions={run['positions']}, history={run['history']}, "
-             f"cap={run['cap']}); alpha in units of each layer's activation norm. Steered arm: {arm}. "
+             f"{describe(run)}. Steered arm: {arm}. "
              f"{run['conversations']} conversations of {run['turns']} turns; means with 95% intervals over "
              f"conversations (clustered by persona).", "",
              f"| alpha | {label}, turn {first} | {label}, turn {turn} | KL to base, turn {turn} "
@@ -218,7 +235,9 @@ def plot(path: Path, sweep, reference, key: str, label: str, turn: int, max_kl: 
     ax.axvline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"max_kl = {max_kl:g}")
     ax.set_xlabel(f"KL(model || base), nats/token, turn {turn}")
     ax.set_ylabel(f"{label}, turn {turn}")
-    ax.set_title(f"steering strength: {run['persona']} ({run['model']}, blocks {run['layers']})", fontsize=9)
+    where = f"blocks {run['layers']}" if run.get("mechanism", "steer") == "steer" else "weight_steer" + (
+        f", control={run['control']}" if run.get("control") else "")
+    ax.set_title(f"steering strength: {run['persona']} ({run['model']}, {where})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
