@@ -252,3 +252,28 @@ def test_task_weight_diff_cli(backbone_factory, tmp_path):
     bad = run_cli(*args, f"task.neg={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'out2'}")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "task.neg=" in bad.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_composed_delta_files_add_with_their_weights(backbone_factory, delta_file, tmp_path):
+    """delta=[a, b] weights=[1, -0.5]: W + alpha*(ΔW_a - 0.5*ΔW_b) tensor by tensor, keys of either file; restore exact."""
+    path = delta_file()
+    a, meta = load_delta(path)
+    names = sorted(a)
+    b = {k: torch.randn_like(v) * 0.01 for k, v in a.items() if k != names[0]}  # b lacks one tensor of a
+    other = save_delta(tmp_path / "b.safetensors", b, meta)
+    bb = backbone_factory("tiny-llama")
+    before = weights(bb.model)
+    def composed(**options):
+        cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "weight_steer.yaml")
+        cfg.options.delta = [str(path), str(other)]
+        cfg.options.update(options)
+        return attach_mechanism(bb, cfg)
+
+    model, mech = composed(weights=[1.0, -0.5], alpha=2.0)
+    for k in names:
+        expected = before[k] + 2.0 * (a[k] - 0.5 * b[k] if k in b else a[k])
+        assert torch.allclose(dict(model.named_parameters())[k], expected, atol=1e-6), k
+    with mech.disabled():
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(UserError, match=r"weights=\[1.0\]: 1 weights for 2"):
+        composed(weights=[1.0])

@@ -7,7 +7,8 @@ with the weights, and checkpoints never hold them); the merged weight is always 
 times. `disabled()` puts the originals back and merges again on exit; alpha = 0 merges nothing (the base
 model bit for bit). If the model was moved or cast after attach, the next forward merges again from the
 moved originals. `control: random` replaces ΔW by a seeded random direction per tensor with that
-tensor's norm of ΔW (the control of issue 11). Every tensor of the file must match a parameter of the
+tensor's norm of ΔW (the control of issue 11). Composition: `delta` may be a list of ΔW files (two personas'),
+summed tensor by tensor with their own `weights` (W + alpha·Σ weight_i·ΔW_i). Every tensor of the file must match a parameter of the
 model (name and shape), else a one-line error; the merged count is printed.
 """
 
@@ -44,15 +45,22 @@ class WeightSteerMechanism(Mechanism):
     name = "weight_steer"
 
     # Defaults: conf/mechanism/weight_steer.yaml (the one place they are written).
-    def __init__(self, delta: str | None, alpha: float, control: str | None, seed: int):
-        if delta is None or not str(delta).strip():
+    def __init__(self, delta: Any, alpha: float, control: str | None, seed: int, weights: Any = None):
+        paths = [delta] if isinstance(delta, str) else list(delta or [])
+        if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
             raise UserError(f"{KEY}.delta={delta}: give the path of a ΔW file (.safetensors, written by "
-                            f"evaluate.py task=weight_diff)")
+                            f"evaluate.py task=weight_diff), or a list of them to compose")
+        weights = [1.0] * len(paths) if weights is None else list(weights) if not isinstance(weights, str) else [weights]
+        if len(weights) != len(paths):
+            raise UserError(f"{KEY}.weights={weights}: {len(weights)} weights for {len(paths)} ΔW files; give one per "
+                            f"file or null (all 1)")
+        self.paths, self.weights = paths, [_number(w, "weights") for w in weights]
         if control not in CONTROLS:
             raise UserError(f"{KEY}.control={control!r}: unknown; allowed: null, random")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"{KEY}.seed={seed!r}: need an integer")
-        self.delta_path, self.control, self.seed = str(delta), control, seed
+        self.delta_path = paths[0] if len(paths) == 1 else ", ".join(paths)
+        self.control, self.seed = control, seed
         self._alpha = _number(alpha)
         self.names: list[str] = []
         self.delta: dict[str, torch.Tensor] = {}
@@ -62,12 +70,17 @@ class WeightSteerMechanism(Mechanism):
     # attach ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)  # nothing trains
-        delta, meta = load_delta(self.delta_path, key=f"{KEY}.delta")
         from persona_lit.backbones import fingerprint
 
-        if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
-            raise UserError(f"{KEY}.delta={self.delta_path}: built for another base model (fingerprint "
-                            f"{meta['fingerprint']}); allowed: a ΔW file built with this model=")
+        delta: dict[str, torch.Tensor] = {}
+        for i, (path, weight) in enumerate(zip(self.paths, self.weights)):
+            key = f"{KEY}.delta" + (f"[{i}]" if len(self.paths) > 1 else "")
+            one, meta = load_delta(path, key=key)
+            if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
+                raise UserError(f"{key}={path}: built for another base model (fingerprint {meta['fingerprint']}); "
+                                f"allowed: a ΔW file built with this model=")
+            for name, d in one.items():  # the composition: sum of weight_i * ΔW_i, tensor by tensor
+                delta[name] = delta[name] + weight * d if name in delta else weight * d
         params = dict(model.named_parameters())
         bad = [k for k in sorted(delta) if k not in params or tuple(params[k].shape) != tuple(delta[k].shape)]
         if bad:
@@ -150,7 +163,7 @@ class WeightSteerMechanism(Mechanism):
         return iter(())
 
 
-def _number(value: Any) -> float:
+def _number(value: Any, key: str = "alpha") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise UserError(f"{KEY}.alpha={value!r}: need a finite number")
+        raise UserError(f"{KEY}.{key}={value!r}: need a finite number")
     return float(value)

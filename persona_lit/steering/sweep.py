@@ -43,7 +43,7 @@ def settings(mech: Any) -> dict[str, Any]:
     """What the swept mechanism is, besides alpha (written into results.json and the report)."""
     if mech.name == "steer":
         return {"layers": mech.layers, "positions": mech.positions, "history": mech.history, "cap": mech.cap}
-    return {"delta": mech.delta_path, "control": mech.control, "seed": mech.seed}
+    return {"delta": mech.delta_path, "weights": mech.weights, "control": mech.control, "seed": mech.seed}
 
 
 def describe(run: dict[str, Any]) -> str:
