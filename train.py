@@ -24,5 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(preflight)(sys.argv[1:])
+    exit_on_user_error(preflight)(sys.argv[1:], config="train")
     main()

@@ -22,11 +22,17 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment", "task")
 
 
-def preflight(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Checks `group=choice` overrides before Hydra runs, so a typo gets one line listing the valid choices."""
+def preflight(argv: list[str], conf_dir: Path = CONF_DIR, config: str | None = None) -> None:
+    """Checks the overrides before Hydra runs, so a mistake gets one line. With `config` (train, evaluate) every
+    override: syntax, group choices, unknown keys, types and ranges (persona_lit/config_check.py); without it
+    only `group=choice`. Then that hydra.run.dir / out_dir can be written."""
+    if config is not None:
+        from persona_lit.config_check import check_cli
+
+        check_cli(argv, config, conf_dir)
     for arg in argv:
         key, sep, value = arg.lstrip("+").partition("=")
-        if sep and key in GROUPS and value and value != "null":
+        if config is None and sep and key in GROUPS and value and value != "null":
             choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             if value not in choices:
                 raise UserError(f"unknown {key} {value!r}; allowed: {', '.join(choices)}")
