@@ -178,9 +178,20 @@ class ConversationRunner(Probing):
         """Where history is cached: with the mechanism disabled when it asks for a clean history."""
         return self.mechanism.disabled() if self._clean() else contextlib.nullcontext()
 
+    def user_turn_ids(self, text: str, open_turn: bool, reminder: str | None = None) -> list[int]:
+        """One user turn; a `reminder` (Mechanism.turn_prefix) before it as a system message, or at the start of
+        the user message where the chat format has no system role mid-conversation (Gemma) or the turn is open."""
+        if reminder is None:
+            return self.chat.user_turn_ids(text, open_turn)
+        if open_turn or self.chat.fmt.system_in_first_user:
+            return self.chat.user_turn_ids(f"{reminder}\n\n{text}", open_turn)
+        return self.chat.message_ids("system", reminder)[0] + self.chat.user_turn_ids(text)
+
     @torch.no_grad()
-    def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """Appends one user turn per row (one text for all, or one each) and the model's answers."""
+    def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None,
+            reminder: str | None = None) -> list[str]:
+        """Appends one user turn per row (one text for all, or one each) and the model's answers; `reminder`: a
+        system prompt re-inserted before the turn (see user_turn_ids)."""
         if conv.tokens.shape[1] == 0:
             with self._history_context():
                 self.extend(conv, self.chat.persona_ids(conv.system_prompt))
@@ -189,7 +200,7 @@ class ConversationRunner(Probing):
             self.mechanism.begin_turn()
         mark = rollback_point(conv.cache) if self._clean() else None
         texts = [user_text] * conv.rows if isinstance(user_text, str) else list(user_text)
-        conv.append([self.chat.user_turn_ids(t, conv.open_turn) for t in texts], self.chat.pad_id)
+        conv.append([self.user_turn_ids(t, conv.open_turn, reminder) for t in texts], self.chat.pad_id)
         conv.open_turn = False
         answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
         # Close the answers and cache them now, so the next turn starts from a fully cached history.
@@ -269,7 +280,7 @@ class ConversationRunner(Probing):
         for t in tqdm(range(1, n_turns + 1), desc=desc, unit="turn", disable=not progress):
             turns = [s[t - 1] for s in streams]
             texts = [x if isinstance(x, str) else x.text for x in turns]
-            answers = self.say(conv, texts)
+            answers = self.say(conv, texts, reminder=self.mechanism.turn_prefix(t) if self.mechanism else None)
             for b, (x, answer) in enumerate(zip(turns, answers)):
                 records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
                                              len(conv.row_ids(b))))

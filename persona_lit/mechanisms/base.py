@@ -50,6 +50,11 @@ class Mechanism:
     def begin_turn(self) -> None:
         """Called before each new user turn (e.g. drop the last turn's segment)."""
 
+    def turn_prefix(self, turn: int) -> str | None:
+        """A system prompt for the runner to re-insert into the history before user turn `turn` (1, 2, ...), or
+        None (mechanism=repeat; conversation.py says where it goes). Probes never get one."""
+        return None
+
     def begin_answer(self) -> None:
         """Called once a turn's prompt slots are fed: later forwards feed the answer (generated tokens, end)."""
 
