@@ -73,7 +73,7 @@ RULES = {
     "trainer.check_val_every_n_epoch": "int? >= 1", "trainer.gradient_clip_val": "float? >= 0",
     "trainer.accumulate_grad_batches": ">= 1", "trainer.num_sanity_val_steps": ">= -1",
     # evaluate.yaml
-    "compare": "list[str]?", "ckpt": "str?", "persona": "str?", "personas": "list[str]?", "turns": ">= 1",
+    "compare": "list[str]?", "ckpt": "str?", "persona": "str?", "personas": "str|list[str]?", "turns": ">= 1",
     "probe_kinds": "list[str]?", "probe_turns": ">= 0", "conversations": ">= 1", "conversation_batch": ">= 1",
     "probe_batch": ">= 1", "devices": ">= 1", "capability_exchanges": ">= 0", "capability_tokens": ">= 1",
     "projection_layer": "int? >= 0", "projection_direction": "str?", "mt_bench_path": "str?",
@@ -89,6 +89,8 @@ RULES = {
     "task.pos": "str?", "task.neg": "str?",
     "task.runs": "list[str]?", "task.labels": "list[str]?", "task.delta": "str?", "task.ckpts": "list[str]?",
     "task.evals": "list[str]?",
+    "pool.sources": "list[str] {pack,role,li2024,personagym,spc}", "pool.seed": "int", "pool.fractions": "(0, 1)",
+    "pool.max_personas": "int? >= 1", "pool.split_file": "str?",
 }
 RULES_OF = {"evaluate": {"seed": "int?"}}  # evaluate: seed=null keeps MT-bench file order
 

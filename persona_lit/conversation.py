@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -76,6 +77,7 @@ class TurnRecord:
     capability: dict[str, float] | None = None  # kl_to_base, nll on reference answers (see probing.py)
     judge: dict[str, float] | None = None  # persona, coherence 0-100 from an optional LLM judge (judge.py)
     persona: str = ""  # the persona whose probes were asked (set by the drift protocol)
+    stopped: str = ""  # on a conversation's last record: why no further turn ran (the context limit), if so
 
 
 class Conversation:
@@ -124,8 +126,10 @@ class Conversation:
 class ConversationRunner(Probing):
     def __init__(self, model: torch.nn.Module, chat: ChatTokenizer, mechanism: Mechanism | None = None,
                  max_new_tokens: int = 64, probe_max_new_tokens: int = 48, do_sample: bool = False,
-                 temperature: float = 0.7, top_p: float = 0.95, probe_batch: int = 8, min_new_tokens: int = 0):
+                 temperature: float = 0.7, top_p: float = 0.95, probe_batch: int = 8, min_new_tokens: int = 0,
+                 max_context: int | None = None):
         self.model, self.chat, self.mechanism = model, chat, mechanism
+        self.max_context = max_context  # None: the model's config.max_position_embeddings (context_limit)
         self.max_new_tokens, self.probe_max_new_tokens = max_new_tokens, probe_max_new_tokens
         self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
         self.min_new_tokens = min_new_tokens  # benchmarks: equal work per turn (the end token is held back)
@@ -254,13 +258,39 @@ class ConversationRunner(Probing):
             if self.mechanism is not None:
                 self.mechanism.restore(state)  # the probe's turn never reaches the main conversation
 
+    def context_limit(self) -> int | None:
+        """Positions the model may use: `max_context`, else config.max_position_embeddings (Gemma-3: of its text
+        config); None when unknown (no model: nothing is checked)."""
+        if self.max_context:
+            return int(self.max_context)
+        config = getattr(self.model, "config", None)
+        config = getattr(config, "text_config", None) or config
+        limit = getattr(config, "max_position_embeddings", None)
+        return int(limit) if limit else None
+
+    def tokens_needed(self, conv: Conversation, texts: Sequence[str], reminder: str | None,
+                      probes: Sequence[Probe] = (), capability: Sequence[tuple[str, str]] = ()) -> int:
+        """The most positions any row can reach if the next turn runs (its prompt, max_new_tokens, the closing)
+        and then, on a fork, its probes and capability exchanges. Positions count real tokens (padding is not
+        counted), so this is the longest row's real tokens plus the worst case of what comes."""
+        history = max((len(conv.row_ids(b)) for b in range(conv.rows)), default=0)
+        turn = max(len(self.user_turn_ids(t, conv.open_turn, reminder)) for t in texts)
+        close = len(self.chat.close_assistant())
+        fork = [len(self.chat.user_turn_ids(p.question)) + close + max(self.probe_max_new_tokens, *(
+            len(self.chat._ids(a)) + 1 for a in (p.persona_answer, p.assistant_answer))) for p in probes]
+        fork += [len(self.chat.user_turn_ids(q)) + getattr(self, "capability_tokens", 0) for q, _ in capability]
+        return history + turn + self.max_new_tokens + close + max(fork, default=0)
+
     def run(self, persona: Persona | None, streams: Sequence[Iterable[Any]], probe_turns: Sequence[int],
             probes: Sequence[Probe] | None = None, progress: bool = True, desc: str = "conversations",
             capability: Sequence[tuple[str, str]] = ()) -> list[list[TurnRecord]]:
         """All `streams` (equally long) as one batch. Turn 0 is the persona alone (probes only); user turn k
         is turn k. A stream yields objects with `.text` and `.category` (MT-bench UserTurns) or strings.
         `probes` defaults to the persona's; pass them with persona=None for the control arm. `capability`:
-        (question, reference answer) pairs scored at probe turns against the base model (probing.py)."""
+        (question, reference answer) pairs scored at probe turns against the base model (probing.py).
+
+        The context limit (context_limit()): a turn that could take any row past it is not run; the batch stops
+        after its last turn that fits, with a warning, and its last records say so in `stopped` (never wraps)."""
         streams = [list(s) for s in streams]
         conv = self.start(persona, rows=len(streams))
         probes = list(probes if probes is not None else (persona.probes if persona else []))
@@ -277,10 +307,23 @@ class ConversationRunner(Probing):
 
         measure(0)
         n_turns = min((len(s) for s in streams), default=0)
+        limit = self.context_limit()
         for t in tqdm(range(1, n_turns + 1), desc=desc, unit="turn", disable=not progress):
             turns = [s[t - 1] for s in streams]
             texts = [x if isinstance(x, str) else x.text for x in turns]
-            answers = self.say(conv, texts, reminder=self.mechanism.turn_prefix(t) if self.mechanism else None)
+            reminder = self.mechanism.turn_prefix(t) if self.mechanism else None
+            if limit is not None:
+                at_probe = t in probe_turns
+                need = self.tokens_needed(conv, texts, reminder, probes if at_probe else (),
+                                          capability if at_probe else ())
+                if need > limit:
+                    why = (f"context limit: turn {t} could need {need} positions > {limit} (the model's context); "
+                           f"stopped after turn {t - 1} of {n_turns}")
+                    warnings.warn(f"{desc}: {why}", stacklevel=2)
+                    for rows in records:
+                        rows[-1].stopped = why
+                    break
+            answers = self.say(conv, texts, **({"reminder": reminder} if reminder is not None else {}))
             for b, (x, answer) in enumerate(zip(turns, answers)):
                 records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
                                              len(conv.row_ids(b))))

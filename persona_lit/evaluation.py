@@ -90,7 +90,11 @@ def drift_inputs(cfg: DictConfig) -> tuple[MTBenchDataModule, Judge | None, list
     if cfg.judge.url:
         judge = Judge(str(cfg.judge.url), str(cfg.judge.model), cfg.judge.api_key_env, float(cfg.judge.timeout_s))
         check_judge(judge)
-    chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
+    from persona_lit.persona_pool import evaluation_personas
+
+    chosen = evaluation_personas(cfg)  # personas=test_split (val_split, train_split): from the persona pool
+    if chosen is None:
+        chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
     return turns, judge, chosen
 
 
@@ -160,13 +164,22 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
             for arm in (result.persona_arm, result.baseline_arm, result.control_arm):
                 judge_arm(judge, persona.system_prompt, arm)
     protocol = merge(list(by_persona.values()))
+    last_turn = {key: {arm: [records[-1].turn for records in getattr(r, f"{arm}_arm")]
+                       for arm in ("persona", "baseline", "control") if getattr(r, f"{arm}_arm")}
+                 for key, r in by_persona.items()}  # < turns where the context limit stopped a conversation
+    stopped = sorted({records[-1].stopped for r in by_persona.values() for arm in (r.persona_arm, r.baseline_arm,
+                      r.control_arm) for records in arm if records[-1].stopped})
+    if stopped:
+        print(f"persona_lit: conversations stopped at the context limit ({stopped[0]}); results.json "
+              f"run.last_turn says where each stopped")
     results = {
         "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name,
                 "persona": ", ".join(p.name for p in personas), "personas": list(by_persona),
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens),
                 "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
-                "precision": precision},
+                "precision": precision, "context_limit": runner.context_limit(), "last_turn": last_turn,
+                **({"persona_split": chosen.info} if getattr(chosen, "info", None) else {})},
         **summarize(protocol, probe_turns, cfg.projection_layer, axis),
         "config": config,
     }

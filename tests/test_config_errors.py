@@ -72,7 +72,7 @@ MISTAKES = [
     ("evaluate", ["do_sample=yes"], ["do_sample=yes: expected true or false"]),
     ("evaluate", ["control=1"], ["control=1: expected true or false"]),
     ("evaluate", ["persona=[stoic,botanist]"], ["persona=[stoic,botanist]: expected null or a string"]),
-    ("evaluate", ["personas=stoic"], ["personas=stoic: expected null or a list of strings"]),
+    ("evaluate", ["personas=true"], ["personas=true: expected null or a string or a list of strings"]),
     ("evaluate", ["probe_turns=4"], ["probe_turns=4: expected a list of integers >= 0"]),
     ("train", ["data.sources=x.jsonl"], ["data.sources=x.jsonl: expected null or a list of strings"]),
     ("evaluate", ["task=steer_sweep", "task.alphas=[0,big]"], ["task.alphas=[0,big]: expected a list of numbers"]),
