@@ -1,9 +1,12 @@
-"""Lightning callbacks: throughput and memory per step, and the final safetensors export."""
+"""Lightning callbacks: throughput and memory per step, a stop at a non-finite loss, the final safetensors export."""
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ import lightning as L
 import torch
 
 from persona_lit.checkpoint import FINAL_NAME, save_checkpoint, trainable_state
+from persona_lit.errors import UserError
+from persona_lit.outputs import _umask
 
 
 def peak_memory_mb() -> float:
@@ -35,9 +40,44 @@ class ThroughputMonitor(L.Callback):
         pl_module.log("train/peak_mem_mb", peak_memory_mb(), batch_size=batch["input_ids"].shape[0])
 
 
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops training at the first NaN or infinite training loss, before its backward pass and optimizer step:
+    no weights, no last.ckpt and no final.safetensors ever hold it. The error names the step, the batch's source
+    rows (batch["index"] through the data module's describe_rows), the mechanism and the last checkpoint, which
+    was written before it and is kept. Every process stops at the same step (the decision is reduced over them)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch: dict[str, Any], batch_idx: int) -> None:
+        self._batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        values = loss.detach().float().flatten()
+        bad = not bool(torch.isfinite(values).all())
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        what = f"the training loss is {values[~torch.isfinite(values)][0].item()}" if bad else \
+            "another process's training loss is not finite"
+        index, data = self._batch.get("index"), trainer.datamodule
+        if not bad:
+            rows = "on that process"
+        elif index is not None and hasattr(data, "describe_rows"):
+            rows = data.describe_rows(index.tolist())
+        else:
+            rows = "not recorded by this data module"
+        saved = trainer.checkpoint_callback
+        if saved is not None and saved.last_model_path and Path(saved.last_model_path).is_file():
+            step = getattr(saved, "_last_global_step_saved", "?")
+            kept = f"the last checkpoint, {saved.last_model_path} (step {step}), is kept"
+        else:
+            kept = "no checkpoint was written before it"
+        raise UserError(f"{what} at step {trainer.global_step} (mechanism {pl_module.mechanism.name}; batch rows: "
+                        f"{rows}); training stopped before updating from it, {kept} (lower module.optimizer.lr, "
+                        f"or check those rows)")
+
+
 class ExportCheckpoint(L.Callback):
-    """At the end of training, writes checkpoints/final.safetensors (trainable state + run config) and
-    the mechanism's standard artifact (e.g. a PEFT adapter directory) beside it."""
+    """At the end of training, writes the mechanism's standard artifact (e.g. a PEFT adapter directory) and then
+    checkpoints/final.safetensors (trainable state + run config): both staged and renamed into place, so a kill
+    leaves the previous ones, and a final.safetensors means a complete export."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
@@ -45,10 +85,33 @@ class ExportCheckpoint(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
+        export_staged(pl_module.mechanism, self.dirpath / "peft_adapter")
         path = save_checkpoint(self.dirpath / FINAL_NAME, trainable_state(pl_module.model), pl_module.run_config,
                                pl_module.fingerprint)
-        pl_module.mechanism.export(self.dirpath / "peft_adapter")
         print(f"persona_lit: checkpoint written to {path}")
+
+
+def export_staged(mechanism, directory: Path) -> None:
+    """mechanism.export into a temporary sibling of `directory`, which then replaces it (nothing if the
+    mechanism has no artifact)."""
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        try:
+            mechanism.export(tmp)
+            if not any(tmp.iterdir()):
+                tmp.rmdir()
+                return
+            os.chmod(tmp, 0o777 & ~_umask())
+            old = directory.rename(tmp.with_name(tmp.name + ".old")) if directory.exists() else None
+            tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot write {directory}: {e.strerror or e}") from None
 
 
 class DriftCallback(L.Callback):

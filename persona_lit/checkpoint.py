@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from persona_lit.errors import UserError
@@ -22,14 +26,42 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """`data` written to a temporary file beside `path`, then renamed onto it: a kill leaves the old file whole.
+    A write that fails (disk full, file size limit, read-only) is a UserError naming the file and the cause; the
+    temporary file is removed and the old file kept. Serialized in memory first so that every write error is an
+    OSError from Python (torch.save and safetensors report them as RuntimeError / SafetensorError)."""
+    path = Path(path)
+    try:
+        with staged_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except OSError as e:
+        cause = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            cause += " (free some space, or write the run elsewhere: hydra.run.dir=...)"
+        kept = "; the previous file is kept" if path.is_file() else ""
+        raise UserError(f"cannot write {path}: {cause}{kept}") from None
+    return path
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], fingerprint: str) -> Path:
     """Atomic: written to a temporary file in the same directory, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"persona_lit": json.dumps({"version": FORMAT_VERSION, "fingerprint": fingerprint, "config": config})}
-    with staged_file(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
-    return path
+    return write_atomic(path, safetensors_bytes(tensors, metadata=meta))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer (last.ckpt) made atomic with write_atomic. Lightning's own stages the file in
+    the system temp directory and, when that is another filesystem (a local /tmp, the run on shared storage),
+    copies it into place: a kill during the copy leaves a truncated last.ckpt, and a full disk a traceback."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(path, buffer.getbuffer())
 
 
 def resolve_checkpoint_path(ckpt: str | Path) -> Path:

@@ -1,8 +1,11 @@
-"""Experiment loggers: W&B by default (offline with a notice when there is no API key), CSV on request."""
+"""Experiment loggers: W&B by default (offline with a notice when there is no API key or the server cannot be
+reached), CSV on request."""
 
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,28 @@ def wandb_has_key() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_unreachable(base_url: str, timeout: float = 5.0) -> str | None:
+    """Why the W&B server at `base_url` cannot be reached (refused, no DNS, no answer within `timeout` s), or
+    None: any HTTP answer, even an error status, means it is there. Goes through the proxies W&B would use."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        return str(getattr(e.reason, "strerror", None) or e.reason)
+    except (OSError, ValueError) as e:  # a timeout, a reset connection, a malformed URL
+        return str(getattr(e, "strerror", None) or e or type(e).__name__)
+    return None
+
+
+def _offline_notice(base_url: str, why: str, save_dir: str) -> None:
+    secret = os.environ.get("WANDB_API_KEY")
+    why = why.strip().splitlines()[0][:160] if why.strip() else "no answer"
+    line = f"persona_lit: warning: W&B unreachable at {base_url} ({why}); logging offline to {save_dir}/wandb " \
+           f"(sync later with `wandb sync`)"
+    print(line.replace(secret, "***") if secret else line, flush=True)  # the key is never printed
 
 
 def make_logger(cfg: Any, save_dir: str, config: dict[str, Any], tags: list[str], group: str, name: str | None = None):
@@ -33,7 +58,27 @@ def make_logger(cfg: Any, save_dir: str, config: dict[str, Any], tags: list[str]
     if mode is None and not wandb_has_key():
         print("persona_lit: no W&B API key found; logging offline to ./wandb (sync later with `wandb sync`)")
         mode = "offline"
-    logger = WandbLogger(project=cfg.project, entity=cfg.get("entity"), save_dir=save_dir, name=name, group=group,
-                         tags=tags, offline=mode == "offline", mode=mode)
-    logger.log_hyperparams(config)
-    return logger
+    online = mode in (None, "online", "run")
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if online and (why := wandb_unreachable(base_url)):  # a closed port or no network: never wait on it
+        _offline_notice(base_url, why, save_dir)
+        mode, online = "offline", False
+    import wandb
+
+    def start(mode: str | None):
+        # init_timeout bounds wandb.init (90 s by default, then retries) when the server answers but stalls
+        timeout = os.environ.get("WANDB_INIT_TIMEOUT", "30")
+        settings = wandb.Settings(init_timeout=float(timeout) if timeout.replace(".", "", 1).isdigit() else 30.0)
+        logger = WandbLogger(project=cfg.project, entity=cfg.get("entity"), save_dir=save_dir, name=name, group=group,
+                             tags=tags, offline=mode == "offline", mode=mode, settings=settings)
+        logger.log_hyperparams(config)  # starts the run (wandb.init) on the main process
+        return logger
+
+    try:
+        return start(mode)
+    except wandb.errors.CommError as e:
+        if not online:
+            raise
+        wandb.finish()
+        _offline_notice(base_url, str(e), save_dir)
+        return start("offline")

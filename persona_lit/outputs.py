@@ -11,11 +11,15 @@ from typing import Iterator
 
 from persona_lit.errors import UserError
 
+UNFINISHED = "UNFINISHED"  # the marker file inside a staged directory until it is renamed into place
+
 
 @contextlib.contextmanager
 def staged_dir(out_dir: Path, key: str = "out_dir") -> Iterator[Path]:
     """Yields a temporary sibling of `out_dir` to write into; renamed to `out_dir` when the block ends
-    without error, deleted otherwise. `out_dir` must not exist or be empty."""
+    without error, deleted otherwise. `out_dir` must not exist or be empty. Until the rename the temporary
+    directory holds a file UNFINISHED: a run killed inside the block leaves a hidden `.<name>.*` directory
+    marked as such, never results that look complete."""
     out_dir = Path(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +27,9 @@ def staged_dir(out_dir: Path, key: str = "out_dir") -> Iterator[Path]:
     except OSError as e:
         raise UserError(f"{key}={out_dir}: cannot write there ({e.strerror})") from None
     try:
+        (tmp / UNFINISHED).write_text("written by a run that has not finished (or was killed): not a result\n")
         yield tmp
+        (tmp / UNFINISHED).unlink()
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; results are as readable as any directory
         if out_dir.exists():
             out_dir.rmdir()

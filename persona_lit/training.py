@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, resolve_persona, run_config
-from persona_lit.callbacks import DriftCallback, ExportCheckpoint, ThroughputMonitor
+from persona_lit.callbacks import DriftCallback, ExportCheckpoint, StopOnNonFiniteLoss, ThroughputMonitor
+from persona_lit.checkpoint import AtomicCheckpointIO
 from persona_lit.errors import UserError
 from persona_lit.loggers import make_logger
 from persona_lit.module import PersonaLitModule
@@ -52,13 +53,15 @@ def train(cfg: DictConfig) -> Path:
             ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                             every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
             ThroughputMonitor(),
+            StopOnNonFiniteLoss(),
             ExportCheckpoint(str(ckpt_dir)),
             *([DriftCallback(backbone.chat, persona, **plain(cfg.drift))] if cfg.drift.every_n_val_epochs else []),
             *(instantiate(c) for c in (cfg.callbacks or {}).values()),
         ]
         logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
                              tags=[backbone.name, persona.key, mechanism.name], group=mechanism.name)
-        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+        atomic = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # last.ckpt: tmp + rename
+        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **atomic)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         except RuntimeError as e:  # torch.load on a damaged or foreign .ckpt

@@ -41,6 +41,16 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "segment_ids": segments}
 
 
+class IndexedCollator(Collator):
+    """Collates (index, example) items: Collator's batch plus batch["index"], the examples' positions in the
+    data set, which PersonaDialogueDataModule.describe_rows turns back into their source file lines."""
+
+    def __call__(self, items: Sequence[tuple[int, tuple]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__([example for _, example in items])
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return batch
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Shuffled batches of similar length (little padding), the same for a given (seed, epoch).
 
@@ -100,6 +110,7 @@ class PersonaDialogueDataModule(L.LightningDataModule):
         self.train_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self.val_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self._resume: dict[str, int] = {}
+        self.train_sources: list[tuple[tuple[str, int], ...]] = []  # per train example: its (file, record) pairs
 
     def _paths(self) -> list[str]:
         if self.sources:
@@ -141,16 +152,39 @@ class PersonaDialogueDataModule(L.LightningDataModule):
             if persona_len + 16 > self.max_length:
                 raise UserError(f"persona {self.persona.name!r} is {persona_len} tokens; data.max_length="
                                 f"{self.max_length} leaves no room for a dialogue (raise data.max_length)")
-        dialogues = [d for path in self._paths() for d in read_dialogues(path)]
+        dialogues, sources = [], []
+        for path in self._paths():
+            found = read_dialogues(path)
+            dialogues += found
+            sources += [(path, k) for k in range(len(found))]
         if not dialogues:
             raise UserError(f"empty data set: no records in {', '.join(self._paths())}")
+        sources, step = sources[: self.max_examples], max(1, self.chain_turns)  # _chain joins `step` dialogues
         dialogues = self._chain(dialogues[: self.max_examples])
-        examples = [e for e in map(self._encode, dialogues) if e is not None]
-        if not examples:
+        groups = [tuple(sources[i : i + step]) for i in range(0, len(sources), step)]
+        pairs = [(e, g) for e, g in zip(map(self._encode, dialogues), groups) if e is not None]
+        if not pairs:
             raise UserError(f"empty data set: every example lost its assistant text at data.max_length={self.max_length}")
-        random.Random(self.seed).shuffle(examples)
+        random.Random(self.seed).shuffle(pairs)  # the same order as shuffling the examples alone
+        examples = [e for e, _ in pairs]
         n_val = int(len(examples) * self.val_fraction) if len(examples) >= 10 else 0
         self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+        self.train_sources = [g for _, g in pairs[n_val:]]
+
+    def describe_rows(self, indices: Sequence[int]) -> str:
+        """Training examples (positions in train_examples, as in batch["index"]) as their source lines:
+        `file.jsonl lines 3, 17`."""
+        lines: dict[str, list[int]] = {}
+        for i in indices:
+            for path, k in self.train_sources[i]:
+                lines.setdefault(path, []).append(k)
+        parts = []
+        for path, records in lines.items():
+            with open(path, encoding="utf-8") as f:  # record k is the k-th non-blank line (read_jsonl)
+                numbers = [n for n, line in enumerate(f, start=1) if line.strip()]
+            parts.append(f"{path} line{'s' if len(records) > 1 else ''} "
+                         + ", ".join(str(numbers[k]) for k in sorted(set(records))))
+        return "; ".join(parts)
 
     def _loader(self, examples, shuffle: bool) -> DataLoader:
         sampler = BucketBatchSampler([len(e[0]) for e in examples], self.batch_size, self.seed, shuffle)
@@ -158,6 +192,9 @@ class PersonaDialogueDataModule(L.LightningDataModule):
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip = self._resume["batches_done"]
             self._resume = {}
+        if shuffle:  # training batches carry batch["index"], for describe_rows
+            return DataLoader(list(enumerate(examples)), batch_sampler=sampler,
+                              collate_fn=IndexedCollator(self.chat.pad_id), num_workers=self.num_workers)
         return DataLoader(examples, batch_sampler=sampler, collate_fn=Collator(self.chat.pad_id),
                           num_workers=self.num_workers)
 
