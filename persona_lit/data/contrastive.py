@@ -17,7 +17,6 @@ questions; the persona's probe questions are never among them (they are what the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from persona_lit.chat import ChatTokenizer
+from persona_lit.data import cache
 from persona_lit.data.dialogues import BucketBatchSampler, Collator
 from persona_lit.errors import UserError
 from persona_lit.personas import Persona
@@ -123,8 +123,7 @@ class ContrastiveDataModule(L.LightningDataModule):
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
 
     def _cache_file(self, settings: dict[str, Any]) -> Path:
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        return self.cache_dir / f"{self.source.slug}-{digest}.jsonl"
+        return cache.cache_path(self.cache_dir, self.source.slug, settings)
 
     def answers(self) -> list[dict[str, Any]]:
         """Every (side, instruction, question, answer) record: from the cache, or generated and cached."""
@@ -139,7 +138,6 @@ class ContrastiveDataModule(L.LightningDataModule):
         if cached is not None:
             print(f"persona_lit: contrastive data: {len(cached)} cached answers from {path}", flush=True)
             return cached
-        from persona_lit.outputs import staged_file
         from persona_lit.steering.directions import generate
 
         pairs = [("pos", s, q) for s, q in self.source.pos] + [("neg", s, q) for s, q in self.source.neg]
@@ -151,12 +149,7 @@ class ContrastiveDataModule(L.LightningDataModule):
                                self.generation_batch)
         records = [{"side": side, "instruction": system, "question": q, "answer": self.chat.decode(x.answer).strip()}
                    for (side, system, q), x in zip(pairs, samples)]
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with staged_file(path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"settings": settings}) + "\n")
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        cache.write_cache(path, settings, records)
         print(f"persona_lit: contrastive data cached in {path}", flush=True)
         return records
 
@@ -192,16 +185,5 @@ class ContrastiveDataModule(L.LightningDataModule):
 
 def read_cache(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The cached records if `path` holds answers made with exactly `settings`, else None (regenerate)."""
-    if not path.is_file():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-        records = [json.loads(line) for line in lines[1:] if line.strip()]
-    except ValueError:
-        raise UserError(f"{path}: a damaged contrastive cache (not JSONL); delete it to regenerate") from None
-    if not isinstance(header, dict) or header.get("settings") != settings:
-        return None
-    if not all(isinstance(r, dict) and r.get("side") in SIDES and isinstance(r.get("answer"), str) for r in records):
-        raise UserError(f"{path}: a damaged contrastive cache (records lack side/answer); delete it to regenerate")
-    return records
+    return cache.read_cache(path, settings, "contrastive",
+                            lambda r: r.get("side") in SIDES and isinstance(r.get("answer"), str), "side/answer")
