@@ -88,6 +88,11 @@ class ChatTokenizer:
             ids += self.message_ids("system", system)[0]
         return ids
 
+    def reopen_ids(self) -> list[int]:
+        """The user-turn header a later turn opens with where the persona leaves the first user turn open
+        (Gemma); [] for formats with a system role."""
+        return self._ids(self.fmt.header.format(role=self.fmt.role_name("user"))) if self.fmt.system_in_first_user else []
+
     def opens_user_turn(self, system: str | None) -> bool:
         """Whether persona_ids(system) leaves the first user turn open (Gemma with a persona)."""
         return self.fmt.system_in_first_user and bool(system if system is not None else self.default_system_prompt)

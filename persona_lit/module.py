@@ -30,12 +30,13 @@ class PersonaLitModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, mechanism: Mechanism, optimizer: Callable, scheduler: Callable | None = None,
                  kl_weight: float = 0.0, run_config: dict[str, Any] | None = None, fingerprint: str = "",
-                 distill_weight: float = 0.0, pad_id: int = 0):
+                 distill_weight: float = 0.0, pad_id: int = 0, reopen: tuple[int, ...] = ()):
         super().__init__()
         self.model, self.mechanism = model, mechanism
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.kl_weight, self.run_config, self.fingerprint = kl_weight, run_config or {}, fingerprint
         self.distill_weight, self.pad_id = distill_weight, pad_id
+        self.reopen = tuple(reopen)  # the user header a later Gemma turn opens with (distill.py drops it for the teacher)
         self.strict_loading = False  # checkpoints hold only the trainable tensors; load_trainable checks them
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
@@ -62,7 +63,7 @@ class PersonaLitModule(L.LightningModule):
             self.log(f"{stage}/kl_to_base", kl, batch_size=n)
             loss = loss + self.kl_weight * kl
         if self.distill_weight > 0 and stage == "train":
-            kl = fresh_persona_kl(self.model, self.mechanism, batch, out.logits, self.pad_id)
+            kl = fresh_persona_kl(self.model, self.mechanism, batch, out.logits, self.pad_id, self.reopen)
             self.log(f"{stage}/kl_fresh_persona", kl, batch_size=n)
             loss = loss + self.distill_weight * kl
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")

@@ -399,3 +399,20 @@ def test_conversation_runner_answers_are_the_greedy_answers_of_full_recomputatio
                     checked += 1
                     tokens.add(conv.ids[pos])
     assert checked >= 9 and len(tokens) > 1
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
+def test_fresh_persona_teacher_view_is_a_conversation_that_starts_at_turn_k(backbone_factory, name):
+    """The teacher of turn k reads exactly the ids of [persona ; turn k] encoded as a conversation of its own:
+    on Gemma (no system role, the persona opens the first user turn) with one user header, not two."""
+    from persona_lit.data import Collator
+    from persona_lit.distill import fresh_persona_views
+
+    chat = backbone_factory(name).chat
+    system = {"role": "system", "content": load_persona("stoic").system_prompt}
+    batch = Collator(chat.pad_id)([chat.encode_segments([system] + DIALOGUE)])
+    ids, mask, _, _ = fresh_persona_views(batch, chat.pad_id, chat.reopen_ids())
+    turns = [DIALOGUE[i : i + 2] for i in range(0, len(DIALOGUE), 2)]
+    assert len(ids) == len(turns) >= 2
+    for view, m, turn in zip(ids, mask, turns):
+        assert view[m.bool()].tolist() == chat.encode_segments([system] + turn)[0]
