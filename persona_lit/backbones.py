@@ -161,6 +161,29 @@ def _cached_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _load_kwargs(dtype: torch.dtype, quant, device, attn_implementation: str | None, **extra) -> dict[str, Any]:
+    """from_pretrained's arguments: dtype, attention, and for a quantized model its config and placement."""
+    kwargs = dict(dtype=dtype, **extra)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if device is not None and torch.device(device).type == "cuda":  # bitsandbytes places it: never .to()
+            index = torch.device(device).index
+            kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device() if index is None else index}"}
+    return kwargs
+
+
+def _no_cpu_packing(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval-mode forward
+    without grad, and from then on runs that kernel, which has no backward: gradients stop silently at every
+    4-bit layer (a LoRA's q/k/v factors get none after a validation pass). Switched off, so that training
+    after evaluation is correct and eval and train run the same kernel (the GPU path never repacks)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_backbone(cfg: Any, device: torch.device | str | None = None) -> Backbone:
     """cfg is the `model` config group (see conf/model/). The model stays where `from_pretrained` puts it
     (the CPU), except that a quantized model is loaded by bitsandbytes onto `device` when that is a GPU;
@@ -168,9 +191,15 @@ def load_backbone(cfg: Any, device: torch.device | str | None = None) -> Backbon
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, cfg.get("dtype") or "float32")
+    quant = _quantization(cfg)
     if cfg.get("tiny"):
         tokenizer = _cached_tokenizer(str(_converted_gguf_dir(cfg.tokenizer_from)))
         model = _tiny_model(cfg, tokenizer).to(dtype)
+        if quant is not None:  # bitsandbytes quantizes on the library's own path: saved, loaded with the config
+            with tempfile.TemporaryDirectory(prefix="persona_lit_tiny.") as tmp:
+                model.save_pretrained(tmp)
+                kwargs = _load_kwargs(dtype, quant, device, cfg.get("attn_implementation") or "sdpa")
+                model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs).eval()
     else:
         if cfg.get("name_or_path"):
             path = str(cfg.name_or_path)
@@ -181,21 +210,16 @@ def load_backbone(cfg: Any, device: torch.device | str | None = None) -> Backbon
             path = str(_converted_gguf_dir(cfg.gguf_package))
         else:
             raise UserError("model config needs one of name_or_path, gguf_package or tiny")
-        kwargs = dict(dtype=dtype, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
-        if cfg.get("attn_implementation"):
-            kwargs["attn_implementation"] = cfg.attn_implementation
-        quant = _quantization(cfg)
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-            if device is not None and torch.device(device).type == "cuda":  # bitsandbytes places it: never .to()
-                index = torch.device(device).index
-                kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device() if index is None else index}"}
+        kwargs = _load_kwargs(dtype, quant, device, cfg.get("attn_implementation"),
+                              trust_remote_code=bool(cfg.get("trust_remote_code", False)))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as e:
             raise UserError(f"model.name_or_path={path}: cannot load ({str(e).splitlines()[0]})") from None
         model.eval()
+    if quant is not None:
+        _no_cpu_packing(model)
     chat = ChatTokenizer(tokenizer, chat_format(cfg.chat_format), cfg.get("default_system_prompt"))
     return Backbone(str(cfg.name), model, tokenizer, chat, fingerprint(model))
 

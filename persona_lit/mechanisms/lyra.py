@@ -49,7 +49,10 @@ def frozen_copy(module: nn.Module) -> nn.Module:
         for name, p in list(sub._parameters.items()):
             if p is not None:
                 del sub._parameters[name]
-                sub.register_buffer(name, p.detach().clone(), persistent=False)
+                # a bitsandbytes weight (Params4bit, Int8Params: not floating point) keeps its class and quantization
+                # state, which its layer reads; deepcopy already made it the copy's own
+                kept = p.requires_grad_(False) if not p.is_floating_point() else p.detach().clone()
+                sub.register_buffer(name, kept, persistent=False)
     return clone
 
 
@@ -177,6 +180,11 @@ class LyraMechanism(Mechanism):
         self.layer_types = layer_types(model)
         config = getattr(model.config, "text_config", None) or model.config
         self.sliding_window = getattr(config, "sliding_window", None)
+        if self.train_layers and not self.lora_r and any(
+                not p.is_floating_point() for i in self.layers for p in layers[i].self_attn.parameters()):
+            raise UserError("mechanism.options.train_layers=true: the chosen layers' weights are 4/8-bit (model."
+                            "quantization) and cannot take gradients; allowed: mechanism.options.lora_r > 0 (a LoRA on "
+                            "them) or model.quantization=null")
         for i in self.layers:
             wrapped = LyraAttention(layers[i].self_attn, self, i, self.layer_types[i],
                                     keep_original=self.train_layers)
@@ -201,8 +209,11 @@ class LyraMechanism(Mechanism):
         config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r, lora_dropout=0.0,
                             target_modules=rf".*\.layers\.({chosen})\.self_attn\.base\.(q_proj|k_proj|v_proj|o_proj)")
         inject_adapter_in_model(config, model)
+        dtype = model.get_input_embeddings().weight.dtype  # on a 4-bit layer PEFT makes them in its compute dtype
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
+            if "lora_" in name and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
     def rope(self, layer_type: str, hidden: torch.Tensor, positions: torch.Tensor):
         """(cos, sin) of the model's own rotary embedding at `positions` for this layer type."""

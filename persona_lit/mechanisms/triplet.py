@@ -81,20 +81,33 @@ class _Context:
     keep_from: int  # first column still readable by later tokens
 
 
-def _copy_linear(linear: nn.Linear) -> nn.Linear:
-    new = copy.deepcopy(linear)
+def _copy_linear(linear: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    """A trainable copy; of a bitsandbytes 4/8-bit projection (no gradients), a float nn.Linear in the model's
+    float `dtype` holding the quantized layer's own dequantized weight (PEFT's dequantize_bnb_weight; not
+    dequantize_module_weight, whose .to(cpu) of an 8-bit weight drops its scales once the layer has run)."""
+    if linear.weight.is_floating_point():
+        new = copy.deepcopy(linear)
+    else:
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        new = nn.utils.skip_init(nn.Linear, linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 device=linear.weight.device, dtype=dtype)
+        with torch.no_grad():
+            new.weight.copy_(dequantize_bnb_weight(linear.weight, state=getattr(linear, "state", None)))
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
     new.requires_grad_(True)
     return new
 
 
 class TripletAttention(nn.Module):
-    def __init__(self, base: nn.Module, mechanism: "TripletMechanism", layer_idx: int):
+    def __init__(self, base: nn.Module, mechanism: "TripletMechanism", layer_idx: int, dtype: torch.dtype):
         super().__init__()
         self.base, self.layer_idx = base, layer_idx
         self._mechanism = [mechanism]  # a list: not registered as a submodule
-        self.triplet_q, self.triplet_k = _copy_linear(base.q_proj), _copy_linear(base.k_proj)
-        self.triplet_v, self.triplet_o = _copy_linear(base.v_proj), _copy_linear(base.o_proj)
-        weight = base.q_proj.weight
+        self.triplet_q, self.triplet_k = _copy_linear(base.q_proj, dtype), _copy_linear(base.k_proj, dtype)
+        self.triplet_v, self.triplet_o = _copy_linear(base.v_proj, dtype), _copy_linear(base.o_proj, dtype)
+        weight = self.triplet_q.weight
         self.triplet_gate = nn.Parameter(torch.zeros(1, dtype=weight.dtype, device=weight.device))
         # The model family's own RoPE function (Llama and Gemma-3 modeling modules both define it).
         self._apply_rope = sys.modules[type(base).__module__].apply_rotary_pos_emb
@@ -152,8 +165,9 @@ class TripletMechanism(Mechanism):
         bad = [i for i in self.layers if not 0 <= i < len(layers)]
         if bad or not self.layers:
             raise UserError(f"mechanism.options.layers={self.layers}: need layer indices in 0..{len(layers) - 1}")
+        dtype = model.get_input_embeddings().weight.dtype  # the float dtype, also of a quantized model
         for i in self.layers:
-            layers[i].self_attn = TripletAttention(layers[i].self_attn, self, i)
+            layers[i].self_attn = TripletAttention(layers[i].self_attn, self, i, dtype)
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(lambda *a: setattr(self, "ctx", None))
         return super().attach(model)

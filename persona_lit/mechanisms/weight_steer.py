@@ -82,14 +82,14 @@ class WeightSteerMechanism(Mechanism):
             for name, d in one.items():  # the composition: sum of weight_i * ΔW_i, tensor by tensor
                 delta[name] = delta[name] + weight * d if name in delta else weight * d
         params = dict(model.named_parameters())
+        odd = [k for k in sorted(delta) if k in params and not params[k].is_floating_point()]
+        if odd:  # before the shape check: a 4-bit weight is stored packed, in another shape
+            raise UserError(f"{KEY}.delta={self.delta_path}: {odd[0]} is a 4/8-bit weight (model.quantization), "
+                            f"which ΔW cannot be merged into; allowed: model.quantization=null (fp32/bf16/fp16)")
         bad = [k for k in sorted(delta) if k not in params or tuple(params[k].shape) != tuple(delta[k].shape)]
         if bad:
             raise UserError(f"{KEY}.delta={self.delta_path}: {len(bad)} of {len(delta)} tensors match no parameter "
                             f"of this model by name and shape (e.g. {bad[0]}); allowed: a ΔW file of this model")
-        odd = [k for k in delta if not params[k].is_floating_point()]
-        if odd:
-            raise UserError(f"{KEY}.delta={self.delta_path}: {odd[0]} is not a floating-point weight (quantized "
-                            f"model?); allowed: a model loaded in fp32/bf16/fp16")
         self.names = sorted(delta)
         self.delta = random_like(delta, self.seed) if self.control == "random" else delta
         self.params = [params[k] for k in self.names]
