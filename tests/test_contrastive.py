@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from persona_lit.data.contrastive import ContrastiveDataModule
 from persona_lit.errors import UserError
@@ -16,8 +17,10 @@ needs_axis = pytest.mark.skipif(not AXIS.is_dir(), reason="needs ../shared/data/
 
 
 def module(chat, tmp_path, **kw):
-    options = dict(side="pos", trait="optimistic", assistant_axis_dir=str(AXIS), model_name="tiny", instructions=1,
-                   questions=3, max_new_tokens=5, generation_batch=2, cache_dir=str(tmp_path / "cache"))
+    options = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "data" / "contrastive.yaml"),
+                                                       resolve=False).items() if k != "_target_"}
+    options.update(side="pos", trait="optimistic", assistant_axis_dir=str(AXIS), model_name="tiny", instructions=1,
+                   questions=3, max_new_tokens=5, generation_batch=2, cache_dir=str(tmp_path / "cache"), seed=0)
     options.update(kw)
     return ContrastiveDataModule(chat, load_persona("pirate_mentor"), **options)
 

@@ -22,13 +22,11 @@ import random
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from persona_lit.chat import ChatTokenizer
 from persona_lit.data import cache
-from persona_lit.data.dialogues import BucketBatchSampler, Collator
+from persona_lit.data.dialogues import PersonaDialogueDataModule
 from persona_lit.errors import UserError
 from persona_lit.personas import Persona
 
@@ -78,15 +76,21 @@ def contrastive_source(trait: str | None, role: str | None, persona: Persona, ro
                         .replace("task.assistant_axis_dir", "data.assistant_axis_dir")) from None
 
 
-class ContrastiveDataModule(L.LightningDataModule):
-    """One side of contrastive persona data; needs the base model once (bind_model) to answer the questions."""
+class ContrastiveDataModule(PersonaDialogueDataModule):
+    """One side of contrastive persona data; needs the base model once (bind_model) to answer the questions.
+    Loaders, resume state and length-bucketed batches are PersonaDialogueDataModule's."""
 
-    def __init__(self, chat: ChatTokenizer, persona: Persona, side: str, trait: str | None = None,
-                 role: str | None = None, assistant_axis_dir: str = "", model_name: str = "",
-                 instructions: int = 2, questions: int = 40, max_new_tokens: int = 64, generation_batch: int = 16,
-                 cache_dir: str = "outputs/contrastive", max_length: int = 256, batch_size: int = 8,
-                 val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0):
-        super().__init__()
+    # Defaults: conf/data/contrastive.yaml (the one place they are written).
+    def __init__(self, chat: ChatTokenizer, persona: Persona, *, side: str, trait: str | None, role: str | None,
+                 assistant_axis_dir: str, model_name: str, instructions: int, questions: int, max_new_tokens: int,
+                 generation_batch: int, cache_dir: str, max_length: int, batch_size: int, val_fraction: float,
+                 seed: int, num_workers: int):
+        if not isinstance(persona, Persona):  # hydra.utils.instantiate hands a dataclass kwarg over as a DictConfig
+            from omegaconf import OmegaConf
+
+            persona = OmegaConf.to_object(persona)
+        super().__init__(chat, persona, with_system_prompt=False, max_length=max_length, batch_size=batch_size,
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers)
         if side not in SIDES:
             raise UserError(f"data.side={side!r}: unknown; allowed: pos, neg")
         for key, value in (("data.max_new_tokens", max_new_tokens), ("data.generation_batch", generation_batch),
@@ -95,22 +99,16 @@ class ContrastiveDataModule(L.LightningDataModule):
                 raise UserError(f"{key}={value!r}: must be an integer >= 1")
         if not 0 <= float(val_fraction) < 1:
             raise UserError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
-        if not isinstance(persona, Persona):  # hydra.utils.instantiate hands a dataclass kwarg over as a DictConfig
-            from omegaconf import OmegaConf
-
-            persona = OmegaConf.to_object(persona)
         self.chat, self.side = chat, side
         self.root = Path(str(assistant_axis_dir)).expanduser()
         self.source = contrastive_source(trait, role, persona, self.root, model_name, instructions, questions)
         self.instructions, self.questions = instructions, questions
         self.max_new_tokens, self.generation_batch = max_new_tokens, generation_batch
-        self.cache_dir, self.max_length, self.batch_size = Path(str(cache_dir)), max_length, batch_size
-        self.val_fraction, self.seed, self.num_workers = float(val_fraction), seed, num_workers
+        self.cache_dir = Path(str(cache_dir))
         self._model: torch.nn.Module | None = None
         self._disabled: Callable[[], ContextManager] | None = None
         self.cache_path: Path | None = None
-        self.train_examples: list = []
-        self.val_examples: list = []
+        self.records: list[dict[str, Any]] = []  # the training examples' answer records (describe_rows)
 
     # the base model answers once ------------------------------------------------------------------------
     def bind_model(self, model: torch.nn.Module, disabled: Callable[[], ContextManager]) -> None:
@@ -157,30 +155,24 @@ class ContrastiveDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
-        records = [r for r in self.answers() if r["side"] == self.side and r["answer"]]
-        examples = []
-        for r in records:
+        pairs = []
+        for r in (r for r in self.answers() if r["side"] == self.side and r["answer"]):
             ids, mask, segments = (x[: self.max_length] for x in self.chat.encode_segments(
                 [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]))
             if any(mask):
-                examples.append((ids, mask, segments))
-        if not examples:
+                pairs.append(((ids, mask, segments), r))
+        if not pairs:
             raise UserError(f"data.side={self.side}: no usable answers for {self.source.spec} (all empty or cut at "
                             f"data.max_length={self.max_length})")
-        random.Random(self.seed).shuffle(examples)
-        n_val = int(len(examples) * self.val_fraction) if len(examples) >= 10 else 0
-        self.val_examples, self.train_examples = examples[:n_val], examples[n_val:]
+        random.Random(self.seed).shuffle(pairs)
+        n_val = int(len(pairs) * self.val_fraction) if len(pairs) >= 10 else 0
+        self.val_examples = [e for e, _ in pairs[:n_val]]
+        self.train_examples, self.records = [e for e, _ in pairs[n_val:]], [r for _, r in pairs[n_val:]]
 
-    def _loader(self, examples: Sequence, shuffle: bool) -> DataLoader:
-        sampler = BucketBatchSampler([len(e[0]) for e in examples], self.batch_size, self.seed, shuffle)
-        return DataLoader(examples, batch_sampler=sampler, collate_fn=Collator(self.chat.pad_id),
-                          num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+    def describe_rows(self, indices: Sequence[int]) -> str:
+        """Training rows as their questions (in the cache file)."""
+        return f"{self.cache_path} ({self.side} answers to: " + "; ".join(
+            repr(self.records[i]["question"][:60]) for i in indices) + ")"
 
 
 def read_cache(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
