@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: install
 	bash scripts/demo.sh
 
+# Two workers, one thread each: on 2 cores that is ~2x the serial suite (tiny models gain nothing from intra-op threads).
 test: install
-	WANDB_MODE=disabled $(PY) -m pytest -q tests
+	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests
 
 bench: install
 	$(PY) bench/train_step.py
