@@ -13,6 +13,11 @@ checks, in order:
   4. types: every key of the composed config against a schema derived from the YAML defaults
      (int, float, bool, str, list[int], list[float], list[str]) plus RULES, which give ranges, choices and the
      type of keys whose default says nothing (null, []). Defaults live only in the YAML.
+
+`experiment=NAME` (conf/experiment/NAME.yaml, `# @package _global_`) is a bundle of overrides. Its second line
+`# entry: train` or `# entry: evaluate` names the entry point it is for; the other one refuses it in one line. The
+schema comes from the config composed WITHOUT the bundle (but with the group choices it makes), so every key a
+bundle sets must exist there and its value is checked like a command-line value (errors say `from experiment=NAME`).
 """
 
 from __future__ import annotations
@@ -326,6 +331,28 @@ def group_choices(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
 
+ENTRY_LINE = re.compile(r"^#\s*entry:\s*(?P<entries>[\w, ]+?)\s*$")
+
+
+def bundle_entries(conf_dir: Path, group: str, choice: str) -> tuple[str, ...] | None:
+    """The entry points a group file declares in its header comments (`# entry: evaluate`, or
+    `# entry: train, evaluate`); None when it declares none (then both may compose it)."""
+    for line in (conf_dir / group / f"{choice}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        m = ENTRY_LINE.match(line.strip())
+        if m:
+            return tuple(e for e in re.split(r"[,\s]+", m["entries"]) if e)
+    return None
+
+
+def bundle_values(conf_dir: Path, group: str, choice: str) -> dict:
+    """A bundle's own keys (without its defaults list), as written in its file."""
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir / group / f"{choice}.yaml"), resolve=False) or {}
+    raw.pop("defaults", None)
+    return raw
+
+
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return close[0] if close else ""
@@ -343,8 +370,16 @@ def _groups_of(conf_dir: Path, config: str) -> list[str]:
     return out
 
 
+def _null_groups(conf_dir: Path, config: str) -> set[str]:
+    """The groups whose default is null (`- experiment: null`): off unless chosen on the command line."""
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{config}.yaml"))
+    return {name.split("@")[0] for entry in raw.get("defaults", []) if isinstance(entry, dict)
+            for name, value in entry.items() if value is None and not name.startswith(("override ", "hydra/"))}
+
+
 def check_groups(given: list[Given], conf_dir: Path, config: str) -> None:
     groups = _groups_of(conf_dir, config)
+    nullable = _null_groups(conf_dir, config)
     for g in given:
         name = g.key.split("@")[0]
         if "." in name or "/" in name or not (conf_dir / name).is_dir():
@@ -358,12 +393,21 @@ def check_groups(given: list[Given], conf_dir: Path, config: str) -> None:
             raise UserError(f"{g.text}: {name} is already in {config}.py's defaults; drop the +")
         for value in g.values:
             choices = group_choices(conf_dir, name)
+            if value is None and name in nullable:
+                raise UserError(f"{g.text}: {name} is off unless chosen (leave {g.text} out); allowed: "
+                                f"{', '.join(choices)}")
             if value is None:
                 raise UserError(f"{g.text}: the {name} group needs a choice; allowed: {', '.join(choices)}")
             if str(value) not in choices:
-                close = _suggest(str(value), choices)
-                raise UserError(f"unknown {name} {str(value)!r}; allowed: {', '.join(choices)}"
+                usable = [c for c in choices if config in (bundle_entries(conf_dir, name, c) or (config,))]
+                close = _suggest(str(value), usable)
+                raise UserError(f"unknown {name} {str(value)!r}; allowed: {', '.join(usable)}"
                                 + (f"; did you mean {close}?" if close else ""))
+            entries = bundle_entries(conf_dir, name, str(value))
+            if entries is not None and config not in entries:
+                usage = " or ".join(f"python {e}.py {name}={value}" for e in entries)
+                raise UserError(f"{name}={value} is a bundle for {' and '.join(f'{e}.py' for e in entries)}, "
+                                f"not {config}.py ({usage})")
 
 
 def compose_config(conf_dir: Path, config: str, overrides: list[str]) -> DictConfig:
@@ -499,6 +543,34 @@ def check_keys(given: list[Given], base: dict, conf_dir: Path, config: str, choi
         raise UserError(message)
 
 
+def check_bundle_keys(bundle: dict, tree: dict, conf_dir: Path, choices: dict[str, Any], origin: str) -> dict[str, str]:
+    """Every key a bundle sets names a key of the config composed without it (or lies under OPEN, or is an
+    ADDABLE / other-model key); returns {path: origin} for the keys it sets (an added key: its whole value)."""
+    out: dict[str, str] = {}
+    extra = addable(conf_dir)
+
+    def walk(node: dict, prefix: list[str]) -> None:
+        for key, value in node.items():
+            parts = prefix + [str(key)]
+            path = ".".join(parts)
+            found, base, depth = _node_at(tree, parts)
+            if not found:
+                if _in_open(parts) or path in extra:
+                    out[path] = origin
+                    continue
+                if depth < len(parts) - 1 and not isinstance(base, dict):
+                    raise UserError(f"{origin}: {'.'.join(parts[:depth])} is a value, not a group of keys "
+                                    f"(the bundle sets {path})")
+                raise UserError(f"{origin}: {_unknown(path, parts, base, depth, conf_dir, choices)}")
+            if isinstance(value, dict) and isinstance(base, dict) and value:
+                walk(value, parts)
+            else:
+                out[path] = origin
+
+    walk(bundle, [])
+    return out
+
+
 def _unknown(key: str, parts: list[str], node: Any, depth: int, conf_dir: Path, choices: dict[str, Any]) -> str:
     level = ".".join(parts[:depth]) or "top level"
     line = f"unknown key {key} ({level}: {_keys(node, top=depth == 0)})"
@@ -524,8 +596,10 @@ def shown(value: Any) -> str:
 
 
 def check_values(cfg: dict, specs: dict[str, Spec], given: dict[str, Given], config: str,
-                 choices: dict[str, Any], conf_dir: Path) -> None:
-    """Every key of the composed config (plain, resolved) against its spec; then the cross-key LIMITS."""
+                 choices: dict[str, Any], conf_dir: Path, origins: dict[str, str] | None = None) -> None:
+    """Every key of the composed config (plain, resolved) against its spec; then the cross-key LIMITS.
+    `origins`: {path: "experiment=NAME"} for values a bundle set (named in the error line)."""
+    origins = {k: v for k, v in (origins or {}).items() if k not in given}
     extra = {k: spec_for(k, _model_default(conf_dir, k), config, choices) for k in addable(conf_dir)}
 
     problems: list[tuple[str, str]] = []  # (path, line), in config order
@@ -541,23 +615,31 @@ def check_values(cfg: dict, specs: dict[str, Spec], given: dict[str, Given], con
                 if not spec.accepts(v):
                     hint = f" (the interpolation gave the string {v!r})" \
                         if "${" in raw and isinstance(v, str) else ""
-                    problems.append((path, f"{path}={raw}: expected {spec.expected()}{hint}"))
+                    where = f" (from {origins[path]})" if path in origins else ""
+                    problems.append((path, f"{path}={raw}{where}: expected {spec.expected()}{hint}"))
                     break
             if isinstance(value, dict):
                 walk(value, path + ".")
 
     walk(cfg, "")
     if problems:  # a key the user gave first (`seed=null` rather than data.seed, which follows it)
-        raise UserError(next((line for path, line in problems if path in given), problems[0][1]))
+        raise UserError(next((line for path, line in problems if path in given or path in origins), problems[0][1]))
     for key, limit in LIMITS.items():
         g = given.get(key)
         found, turns, _ = _node_at(cfg, limit.split("."))
-        if not g or not found or not isinstance(turns, int):
+        if not found or not isinstance(turns, int):
             continue
-        for v, raw in zip(g.values, g.raw):
+        if g:
+            pairs, where = list(zip(g.values, g.raw)), ""
+        elif key in origins:  # a bundle set the probe turns (a default list is cut, as without a bundle)
+            value = _node_at(cfg, key.split("."))[1]
+            pairs, where = [(value, shown(value))], f" (from {origins[key]})"
+        else:
+            continue
+        for v, raw in pairs:
             beyond = [t for t in v or [] if isinstance(t, int) and t > turns]
             if beyond:
-                raise UserError(f"{key}={raw}: probe turn {beyond[0]} is beyond {limit}={turns}; "
+                raise UserError(f"{key}={raw}{where}: probe turn {beyond[0]} is beyond {limit}={turns}; "
                                 f"expected integers in 0..{turns}")
 
 
@@ -584,15 +666,27 @@ def check_cli(argv: list[str], config: str, conf_dir: Path = CONF_DIR) -> DictCo
     first = [_first(g) for g in given]
     group_overrides = [f for f, g in zip(first, given) if "." not in g.key and "=" in f
                        and ((conf_dir / g.key.split("@")[0]).is_dir() or "/" in g.key)]
-    base_cfg = _compose_base(conf_dir, config, tuple(group_overrides))
-    choices = dict(base_cfg.hydra.runtime.choices)
+    chosen_cfg = _compose_base(conf_dir, config, tuple(group_overrides))
+    choices = dict(chosen_cfg.hydra.runtime.choices)
+    base_cfg, origins = chosen_cfg, {}
+    experiment = choices.get("experiment") if "experiment" in _groups_of(conf_dir, config) else None
+    if experiment:  # the schema and the known keys come from the config without the bundle, with its group choices
+        groups = [g for g in _groups_of(conf_dir, config) if g != "experiment"]
+        plain_groups = [o for o in group_overrides if o.lstrip("+~").split("=")[0].split("@")[0] not in groups
+                        and not o.startswith("experiment=")]
+        chosen = [f"{g}={choices[g]}" for g in groups if choices.get(g) is not None]
+        base_cfg = _compose_base(conf_dir, config, tuple(plain_groups + chosen))
     base_user = _user_part(base_cfg)
     tree = {**_plain(base_user, resolve=False), "hydra": OmegaConf.to_container(base_cfg.hydra, resolve=False)}
     check_keys(given, tree, conf_dir, config, choices)
-    cfg = compose_config(conf_dir, config, first) if len(first) > len(group_overrides) else base_cfg
+    if experiment:
+        origins = check_bundle_keys(bundle_values(conf_dir, "experiment", experiment), tree, conf_dir, choices,
+                                    f"experiment={experiment}")
+    cfg = compose_config(conf_dir, config, first) if len(first) > len(group_overrides) else chosen_cfg
     by_key = {g.key: g for g in given if not (conf_dir / g.key).is_dir()}  # values, not group choices
     specs = schema(_resolved_defaults(base_user), config, choices)
-    check_values(_plain(_user_part(cfg), resolve=True, given=by_key), specs, by_key, config, choices, conf_dir)
+    check_values(_plain(_user_part(cfg), resolve=True, given=by_key), specs, by_key, config, choices, conf_dir,
+                 origins)
     return cfg
 
 

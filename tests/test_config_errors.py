@@ -58,7 +58,7 @@ MISTAKES = [
     ("evaluate", ["+turns=3"], ["+turns=3: turns already exists; drop the +"]),
     ("evaluate", ["~turns"], ["~turns: turns cannot be deleted"]),
     ("train", ["task=drift"],
-     ["task=drift: train.py has no task group (groups: data, logger, mechanism, model, trainer)"]),
+     ["task=drift: train.py has no task group (groups: data, experiment, logger, mechanism, model, trainer)"]),
     ("train", ["mechanism=lorra"], ["unknown mechanism 'lorra'; allowed: ", "lora, lyra, none", "did you mean lora?"]),
     ("evaluate", ["judge=3"], ["judge=3: judge is a group of keys (judge: api_key_env, model, timeout_s, url)"]),
     # syntax
