@@ -88,13 +88,16 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raw = (f.metadata() or {}).get("persona_lit")
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"ckpt={path}: corrupted or not a safetensors file ({e})") from None
+        raise UserError(f"ckpt={path}: corrupted or not a safetensors file ({' '.join(str(e).split())[:300]})") from None
     if raw is None:
         raise UserError(f"ckpt={path}: a safetensors file without persona_lit metadata (not written by train.py)")
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise UserError(f"ckpt={path}: corrupted persona_lit metadata") from None
+    if not isinstance(header, dict) or not isinstance(header.get("config"), dict):
+        raise UserError(f"ckpt={path}: corrupted persona_lit metadata (allowed: a JSON object with version, "
+                        f"fingerprint and config, as train.py writes it)")
     return tensors, header
 
 

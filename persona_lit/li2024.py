@@ -32,6 +32,7 @@ from persona_lit.li2024_helpers import CONSTANTS, HELPERS, UNSUPPORTED
 from persona_lit.personas import Persona, Probe
 
 THRESHOLD = 0.5  # a check passes when its score is strictly above this
+MAX_SOURCE = 10_000  # characters of one check's source (upstream's longest is under 300)
 _STR_METHODS = {"lower": str.lower, "upper": str.upper, "strip": str.strip, "split": str.split,
                 "count": str.count, "startswith": str.startswith, "endswith": str.endswith}
 
@@ -166,15 +167,22 @@ class Li2024Check:
 
 def compile_check(source: str) -> Li2024Check:
     """Parse `lambda x: ...` with ast (never executed) into a Li2024Check; UserError outside the whitelist."""
+    if len(source) > MAX_SOURCE:
+        raise UserError(f"a check of {len(source)} characters; allowed: at most {MAX_SOURCE}")
     try:
         lam = ast.parse(source.strip(), mode="eval").body
     except SyntaxError as e:
         raise UserError(f"not a Python expression ({e.msg})") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # null bytes; nesting too deep for the parser
+        raise UserError(f"not a Python expression ({type(e).__name__})") from None
     a = lam.args if isinstance(lam, ast.Lambda) else None
     if a is None or len(a.args) != 1 or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
         raise UserError("a check must be `lambda x: <expression>` with one argument")
     unsupported: set[str] = set()
-    fn = _compile(lam.body, frozenset({a.args[0].arg}), unsupported)
+    try:
+        fn = _compile(lam.body, frozenset({a.args[0].arg}), unsupported)
+    except RecursionError:
+        raise UserError("a check nested too deeply") from None
     return Li2024Check(source, fn, a.args[0].arg, "; ".join(f"{n} {UNSUPPORTED[n]}" for n in sorted(unsupported)))
 
 
@@ -194,14 +202,21 @@ def load_li2024(path: str | Path, skip_unsupported: bool = True) -> list[Persona
     if not path.is_file():
         raise UserError(f"Li et al. 2024 data file not found: {path}")
     personas, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            f"allowed: UTF-8 JSONL, one record a line") from None
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{where}: not valid JSON ({e})") from None
+            raise UserError(f"{where}: not valid JSON ({e}); allowed: one JSON object a line") from None
+        except RecursionError:
+            raise UserError(f"{where}: JSON nested too deeply; allowed: one JSON object a line") from None
         for key, typ in _FIELDS.items():
             if not isinstance(rec, dict) or type(rec.get(key)) is not typ:
                 raise UserError(f"{where}: field {key!r} is missing or not a {typ.__name__} "

@@ -22,6 +22,9 @@ def staged_dir(out_dir: Path, key: str = "out_dir") -> Iterator[Path]:
     marked as such, never results that look complete."""
     out_dir = Path(out_dir)
     try:
+        if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):  # before anything is written
+            raise UserError(f"{key}={out_dir}: exists and is not an empty directory (it may hold results); allowed: "
+                            f"a new or empty directory")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     except OSError as e:

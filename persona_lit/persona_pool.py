@@ -378,17 +378,23 @@ def read_split(path: str | os.PathLike, pool: Pool | None = None,
         raise UserError(f"persona split file not found: {path}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]}); allowed: "
+                        f"a persona split written by evaluate.py/train.py ({SPLIT_FORMAT})") from None
     if not isinstance(raw, dict) or raw.get("format") != SPLIT_FORMAT or not all(p in raw for p in PARTS):
         raise UserError(f"{path}: not a persona split ({SPLIT_FORMAT}: seed, fractions, pool, pool_hash, "
                         f"{', '.join(PARTS)})")
     spec = raw.get("pool") or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("sources", []), list) \
+            or not all(isinstance(raw[p], list) for p in PARTS) \
+            or not isinstance(raw.get("seed"), int) or isinstance(raw.get("seed"), bool):
+        raise UserError(f"{path}: a damaged persona split (allowed: pool an object, seed an integer, "
+                        f"{', '.join(PARTS)} lists of persona keys)")
     if pool is None:
         pool = load_pool(spec.get("sources"), data_dir)
     if pool.hash != raw.get("pool_hash"):
         raise UserError(f"{path}: the persona pool changed since this split was written (pool hash "
-                        f"{raw.get('pool_hash')} there, {pool.hash} now from {pool.data_dir} with sources "
+                        f"{raw.get('pool_hash')!r} there, {pool.hash} now from {pool.data_dir} with sources "
                         f"{','.join(pool.spec['sources'])}); write a new split or restore the data it was made from")
     parts = {p: [str(k) for k in raw[p]] for p in PARTS}
     known, seen = set(pool.keys), set()
@@ -397,7 +403,14 @@ def read_split(path: str | os.PathLike, pool: Pool | None = None,
         if bad:
             raise UserError(f"{path}: {p} key {bad[0]!r} is not in the pool or is in two parts")
         seen.update(parts[p])
-    return Split(int(raw["seed"]), check_fractions(raw["fractions"]), spec, raw["pool_hash"], parts), pool
+    fractions = raw.get("fractions")
+    if not (isinstance(fractions, list) or (isinstance(fractions, dict) and set(PARTS) <= set(fractions))):
+        raise UserError(f"{path}: fractions={fractions!r}; allowed: three numbers (train, val, test)")
+    try:
+        shares = check_fractions(fractions)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return Split(int(raw["seed"]), shares, spec, raw["pool_hash"], parts), pool
 
 
 def store_split(run_dir: str | os.PathLike, pool_cfg: Mapping[str, Any]) -> Split:

@@ -31,6 +31,7 @@ import yaml
 from persona_lit.errors import UserError
 
 PACK_DIR = Path(__file__).parent / "persona_pack"
+MAX_YAML_BYTES = 4 << 20  # a persona file is a few KB; pure-Python YAML takes ~1 s for 4 MiB
 
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s+|$)")
 _WORD = re.compile(r"[A-Za-z']+")
@@ -111,13 +112,63 @@ class Persona:
         return next((p for p in self.probes if p.kind == "name"), None)
 
 
+def _words_arg(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(w, str) for w in v))
+
+
+def _count_arg(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _regex_arg(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and re.compile(v, flags=re.IGNORECASE) is not None
+    except (re.error, RecursionError, OverflowError):
+        return False
+
+
+def _li2024_arg(v: Any) -> bool:
+    from persona_lit.li2024 import compile_check
+
+    try:
+        return isinstance(v, str) and compile_check(v) is not None
+    except UserError:
+        return False
+
+
+# What each check's argument must be (checked when a persona is read, not when an answer is scored).
+CHECK_ARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (_words_arg, "a string or a list of strings")
+       for k in ("contains_any", "contains_all", "contains_none", "starts_with", "ends_with")},
+    **{k: (_count_arg, "an integer >= 0")
+       for k in ("max_sentences", "min_sentences", "max_words", "min_words", "min_exclamations")},
+    "no_letter": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "regex": (_regex_arg, "a valid regular expression (a string)"),
+    "not_regex": (_regex_arg, "a valid regular expression (a string)"),
+    "all_lowercase": (lambda v: isinstance(v, bool), "true or false"),
+    "no_exclamations": (lambda v: isinstance(v, bool), "true or false"),
+    "li2024": (_li2024_arg, "a `lambda x: ...` check of Li et al. 2024 (persona_lit/li2024.py)"),
+}
+assert set(CHECK_ARGS) == set(CHECKS), "every check needs its argument rule in CHECK_ARGS"
+
+
 def _parse_check(spec: Any, where: str) -> Check:
     if not isinstance(spec, dict) or not spec:
-        raise UserError(f"{where}: a check must be a mapping like {{contains_any: [word]}}; got {spec!r}")
-    unknown = sorted(set(spec) - set(CHECKS))
+        raise UserError(f"{where}: a check must be a mapping like {{contains_any: [word]}}; got {_short(spec)}")
+    unknown = sorted(set(spec) - set(CHECKS), key=str)
     if unknown:
         raise UserError(f"{where}: unknown check {unknown[0]!r}; allowed: {', '.join(sorted(CHECKS))}")
+    for name, arg in spec.items():
+        valid, allowed = CHECK_ARGS[name]
+        if not valid(arg):
+            raise UserError(f"{where}: check {name}={_short(arg)} must be {allowed}")
     return Check(dict(spec))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr on one line, cut at `limit` characters (for error lines)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def persona_from_dict(raw: Any, source: str) -> Persona:
@@ -125,19 +176,25 @@ def persona_from_dict(raw: Any, source: str) -> Persona:
         raise UserError(f"{source}: a persona must be a mapping with name, system_prompt and probes")
     for key in ("name", "system_prompt"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
-            raise UserError(f"{source}: field {key!r} is missing or empty")
+            raise UserError(f"{source}: field {key!r} is missing or empty; allowed: a non-empty string")
     allowed = {"name", "system_prompt", "description", "probes", "exchanges"}
-    extra = sorted(set(raw) - allowed)
+    extra = sorted(set(raw) - allowed, key=str)
     if extra:
         raise UserError(f"{source}: unknown field {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    if not isinstance(raw.get("probes") or [], list):
+        raise UserError(f"{source}: field 'probes' must be a list of {{question, check}} mappings")
+    exchanges = raw.get("exchanges")
+    if exchanges is not None and not isinstance(exchanges, str):
+        raise UserError(f"{source}: field 'exchanges' must be a path (a string) to a chat JSONL file")
     probes = []
     for i, p in enumerate(raw.get("probes") or []):
         where = f"{source}: probes[{i}]"
-        if not isinstance(p, dict) or not isinstance(p.get("question"), str):
-            raise UserError(f"{where}: a probe needs a 'question' string and a 'check'")
-        extra_p = sorted(set(p) - {"question", "check", "kind", "persona_answer", "assistant_answer"})
+        if not isinstance(p, dict) or not isinstance(p.get("question"), str) or not p["question"].strip():
+            raise UserError(f"{where}: a probe needs a non-empty 'question' string and a 'check'; got {_short(p)}")
+        fields = {"question", "check", "kind", "persona_answer", "assistant_answer"}
+        extra_p = sorted(set(p) - fields, key=str)
         if extra_p:
-            raise UserError(f"{where}: unknown field {extra_p[0]!r}")
+            raise UserError(f"{where}: unknown field {extra_p[0]!r}; allowed: {', '.join(sorted(fields))}")
         probes.append(
             Probe(
                 p["question"],
@@ -147,7 +204,6 @@ def persona_from_dict(raw: Any, source: str) -> Persona:
                 str(p.get("assistant_answer", "")),
             )
         )
-    exchanges = raw.get("exchanges")
     exchanges_path = None
     if exchanges:
         exchanges_path = Path(exchanges)
@@ -186,14 +242,27 @@ def load_persona(name_or_path: str) -> Persona:
                 f"unknown persona {name_or_path!r}; built-in: {', '.join(builtin_personas())} "
                 "(or give a path to a persona .yaml file)"
             )
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"persona file not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size} bytes; allowed: a persona YAML file of at most "
+                        f"{MAX_YAML_BYTES >> 20} MiB (training dialogues go in the `exchanges` JSONL file)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); allowed: a UTF-8 YAML file") \
+            from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise UserError(f"{path}{line}: not valid YAML ({problem})") from None
+    except (Exception, RecursionError) as e:  # noqa: BLE001 - PyYAML's constructors raise ValueError, IndexError,
+        # KeyError, AttributeError... on values they cannot build (`2001-02-30`, `!!int`, `!!bool x`, `!!timestamp x`)
+        problem = " ".join(str(e).split())[:200]
+        raise UserError(f"{path}: a YAML value that cannot be read ({type(e).__name__}: {problem}); allowed: plain "
+                        f"strings, numbers, lists, mappings") from None
     return persona_from_dict(raw, str(path))
 
 

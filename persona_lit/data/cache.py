@@ -25,12 +25,12 @@ def read_cache(path: Path, settings: dict[str, Any], what: str, valid: Callable[
     that is not JSONL, or whose records fail `valid`, is a one-line UserError naming `what` and `fields`."""
     if not path.is_file():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
     try:
-        header = json.loads(lines[0]) if lines else {}
+        lines = path.read_bytes().decode("utf-8").split("\n")
+        header = json.loads(lines[0]) if lines[0].strip() else {}
         records = [json.loads(line) for line in lines[1:] if line.strip()]
-    except ValueError:
-        raise UserError(f"{path}: a damaged {what} cache (not JSONL); delete it to regenerate") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: a damaged {what} cache (not UTF-8 JSONL); delete it to regenerate") from None
     if not isinstance(header, dict) or header.get("settings") != settings:
         return None
     if not all(isinstance(r, dict) and valid(r) for r in records):

@@ -178,4 +178,5 @@ class ContrastiveDataModule(PersonaDialogueDataModule):
 def read_cache(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The cached records if `path` holds answers made with exactly `settings`, else None (regenerate)."""
     return cache.read_cache(path, settings, "contrastive",
-                            lambda r: r.get("side") in SIDES and isinstance(r.get("answer"), str), "side/answer")
+                            lambda r: r.get("side") in SIDES and isinstance(r.get("question"), str)
+                            and isinstance(r.get("answer"), str), "side/question/answer")

@@ -80,6 +80,13 @@ def conversation_questions(own: Sequence[str], mt: Sequence[str], turns: int, rn
     return out
 
 
+def _valid_record(r: dict[str, Any]) -> bool:
+    """A cached conversation: {"persona": key or null, "system": text or null, "turns": [[question, answer], ...]}."""
+    turns = r.get("turns")
+    return all(isinstance(r.get(k), (str, type(None))) for k in ("persona", "system")) and isinstance(turns, list) \
+        and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns)
+
+
 class PersonaPoolDataModule(PersonaDialogueDataModule):
     """Conversations of many personas answered by the base model with the persona fresh (bind_model first).
     Loaders, resume state and length-bucketed batches are PersonaDialogueDataModule's."""
@@ -164,8 +171,7 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
 
         settings = self.settings(fingerprint(self._model), plans)
         self.cache_path = path = cache.cache_path(self.cache_dir, "pool", settings)
-        cached = cache.read_cache(path, settings, "persona_pool", lambda r: isinstance(r.get("turns"), list),
-                                  "turns")
+        cached = cache.read_cache(path, settings, "persona_pool", _valid_record, "persona/system/turns")
         if cached is not None and len(cached) == len(plans):
             print(f"persona_lit: persona_pool data: {len(cached)} cached conversations from {path}", flush=True)
             return cached

@@ -18,15 +18,23 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded line by line: a non-UTF-8 byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                f"allowed: UTF-8 JSONL, one JSON object a line") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); allowed: one JSON object "
+                                f"a line") from None
+            except RecursionError:
+                raise UserError(f"{where}: JSON nested too deeply; allowed: one JSON object a line") from None
             if not isinstance(record, dict):
                 raise UserError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
             yield where, record
@@ -106,8 +114,10 @@ def read_mt_bench_exchanges(questions_path: str | Path | None = None,
     answers_path = answers_path or default_mt_bench_path().parent / "reference_answer" / "gpt-4.jsonl"
     dialogues = []
     for where, record in read_jsonl(answers_path):
-        q = questions.get(record.get("question_id"))
-        turns = (record.get("choices") or [{}])[0].get("turns")
+        qid, choices = record.get("question_id"), record.get("choices")
+        q = questions.get(qid) if isinstance(qid, int) else None
+        turns = choices[0].get("turns") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+            else None
         if q is None or not isinstance(turns, list):
             raise UserError(f"{where}: needs a known 'question_id' and 'choices[0].turns'")
         for user, answer in zip(q.turns, turns):
@@ -124,7 +134,10 @@ def read_mt_bench(path: str | Path | None = None) -> list[MTBenchQuestion]:
         category = record.get("category", "")
         if not isinstance(category, str):
             raise UserError(f"{where}: field 'category' must be a string")
-        questions.append(MTBenchQuestion(int(record.get("question_id", len(questions))), category, tuple(turns)))
+        qid = record.get("question_id", len(questions))
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise UserError(f"{where}: field 'question_id' must be an integer")
+        questions.append(MTBenchQuestion(qid, category, tuple(turns)))
     if not questions:
         raise UserError(f"{path or default_mt_bench_path()}: no questions in the file")
     return questions

@@ -34,24 +34,69 @@ def load_sweeps(runs: Any, labels: Any) -> list[dict[str, Any]]:
     for i, run in enumerate(runs):
         path = Path(str(run)) / "results.json"
         try:
-            results = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
             raise UserError(f"task.runs[{i}]={run}: no readable results.json of task=steer_sweep there "
                             f"({type(e).__name__})") from None
         if not isinstance(results, dict) or "sweep" not in results or "task" not in results:
             raise UserError(f"task.runs[{i}]={run}: results.json is not a task=steer_sweep result (no 'sweep')")
+        problem = _shape_problem(results)
+        if problem:
+            raise UserError(f"task.runs[{i}]={run}: results.json is not a task=steer_sweep result ({problem}); "
+                            f"allowed: the results.json that task=steer_sweep writes")
         results["label"] = str(labels[i]) if labels else _label(results["run"])
         out.append(results)
     first = out[0]["task"]
     for i, r in enumerate(out[1:], 1):
         for k in ("metric", "probe_kind", "turn", "system_prompt"):
             if r["task"].get(k) != first.get(k):
-                raise UserError(f"task.runs[{i}]={runs[i]}: task.{k}={r['task'].get(k)} but {first.get(k)} in "
+                raise UserError(f"task.runs[{i}]={runs[i]}: task.{k}={r['task'].get(k)!r} but {first.get(k)!r} in "
                                 f"task.runs[0]; allowed: sweeps with the same {k}")
         if r["run"]["persona"] != out[0]["run"]["persona"] or r["run"]["model"] != out[0]["run"]["model"]:
             raise UserError(f"task.runs[{i}]={runs[i]}: another persona or model than task.runs[0]; compare sweeps "
                             f"of one persona on one model")
     return out
+
+
+def _number(v: Any, none: bool = False) -> bool:
+    return (v is None and none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _per_turn_problem(m: Any) -> str:
+    """'' for a per-turn metric as summarize writes it ({turn, mean, ci_low, ci_high} lists of one length) or null."""
+    if m is None:
+        return ""
+    if not isinstance(m, dict) or not all(isinstance(m.get(k), list) for k in ("turn", "mean", "ci_low", "ci_high")):
+        return "a per-turn metric without turn, mean, ci_low, ci_high lists"
+    if len({len(m[k]) for k in ("turn", "mean", "ci_low", "ci_high")}) != 1 or not all(
+            isinstance(t, int) for t in m["turn"]) or not all(
+            _number(v, none=True) for k in ("mean", "ci_low", "ci_high") for v in m[k]) or any(
+            (lo is None) != (hi is None) for lo, hi in zip(m["ci_low"], m["ci_high"])):
+        return "a per-turn metric whose lists differ in length or hold other than numbers"
+    return ""
+
+
+def _shape_problem(results: dict[str, Any]) -> str:
+    """What table() and plot() need of a steer_sweep results.json, or '' when it is all there."""
+    task, run, sweep = results.get("task"), results.get("run"), results.get("sweep")
+    if not isinstance(task, dict) or not isinstance(task.get("metric"), str) \
+            or not isinstance(task.get("probe_kind"), str) or not isinstance(task.get("turn"), int):
+        return "task needs metric, probe_kind and turn"
+    if not isinstance(run, dict) or "persona" not in run or "model" not in run:
+        return "run needs persona and model"
+    if not isinstance(sweep, list) or not all(isinstance(p, dict) and _number(p.get("alpha"))
+                                              and isinstance(p.get("metrics"), dict) for p in sweep):
+        return "sweep must be a list of {alpha, metrics}"
+    key = measure(task["metric"], task["probe_kind"])[0]
+    reference = results.get("reference_none")
+    if reference is not None and not isinstance(reference, dict):
+        return "reference_none must be metrics or null"
+    for metrics in [p["metrics"] for p in sweep] + ([reference] if reference else []):
+        problem = next(filter(None, (_per_turn_problem(metrics.get(k)) for k in (key, KL, "capability/perplexity"))),
+                       "")
+        if problem:
+            return problem
+    return ""
 
 
 def _label(run: dict[str, Any]) -> str:

@@ -86,7 +86,7 @@ def load_direction(path: str | Path, key: str = "direction", fingerprint: str | 
                         f"(model {meta.get('model')!r})")
     if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
         raise UserError(f"{key}={path}: extracted on another base model ({meta.get('model')!r}, fingerprint "
-                        f"{meta.get('fingerprint')}); this model has fingerprint {fingerprint}")
+                        f"{meta.get('fingerprint')!r}); this model has fingerprint {fingerprint}")
     for k in ("format", "layer_convention"):
         meta.pop(k, None)
     return Direction(vectors.float(), norms.float(), meta)

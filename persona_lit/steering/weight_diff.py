@@ -50,23 +50,48 @@ def read_adapter(directory: str | Path, key: str) -> tuple[dict[str, Any], dict[
         raise UserError(f"{key}={d}: need a PEFT adapter directory with adapter_config.json and "
                         f"adapter_model.safetensors (train.py mechanism=lora exports one)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{key}={cfg_path}: not readable JSON ({e})") from None
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{key}={cfg_path}: not readable JSON ({type(e).__name__}); allowed: PEFT's "
+                        f"adapter_config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{key}={cfg_path}: a JSON {type(config).__name__}; allowed: PEFT's adapter_config.json "
+                        f"(an object)")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise UserError(f"{key}={d}: peft_type={config.get('peft_type')!r}; allowed: LORA")
     for name in UNSUPPORTED:
         if config.get(name):
             raise UserError(f"{key}={d}: adapter_config.json {name}={config[name]!r} is not supported; allowed: "
                             f"plain LoRA on linear weights ({name} unset or false)")
+    rank_ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    alpha_ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    for name, ok, pattern_name, allowed in (("r", rank_ok, "rank_pattern", "an integer >= 1"),
+                                             ("lora_alpha", alpha_ok, "alpha_pattern", "a finite number")):
+        patterns = config.get(pattern_name) or {}
+        if not ok(config.get(name)):
+            raise UserError(f"{key}={cfg_path}: {name}={config.get(name)!r}; allowed: {allowed}")
+        if not isinstance(patterns, dict) or not all(ok(v) for v in patterns.values()):
+            raise UserError(f"{key}={cfg_path}: {pattern_name}; allowed: a mapping of module patterns to {allowed}")
+        for pattern in patterns:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")  # as _pattern_value matches it
+            except (re.error, TypeError):
+                raise UserError(f"{key}={cfg_path}: {pattern_name} key {pattern!r}; allowed: a regular expression") \
+                    from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():
-            m = KEY.match(name)
-            if m is None:
-                raise UserError(f"{key}={weights}: tensor {name!r} is not a LoRA factor of a linear layer; "
-                                f"allowed: base_model.model.<module>.lora_A/lora_B.weight")
-            factors.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(name).float()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for name in f.keys():
+                m = KEY.match(name)
+                if m is None:
+                    raise UserError(f"{key}={weights}: tensor {name!r} is not a LoRA factor of a linear layer; "
+                                    f"allowed: base_model.model.<module>.lora_A/lora_B.weight")
+                factors.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(name).float()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input (SafetensorError, OSError...)
+        raise UserError(f"{key}={weights}: not a safetensors file ({type(e).__name__}); allowed: PEFT's "
+                        f"adapter_model.safetensors") from None
     if not factors:
         raise UserError(f"{key}={weights}: holds no LoRA factors")
     rslora = bool(config.get("use_rslora"))

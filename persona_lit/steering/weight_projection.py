@@ -120,16 +120,30 @@ def behaviour(eval_dir: str, metric: str, turn: int, index: int) -> tuple[float 
     """(mechanism − baseline at `turn`, its [low, high]) from a drift evaluation's results.json."""
     path = Path(str(eval_dir)) / "results.json"
     try:
-        metrics = json.loads(path.read_text())["metrics"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"task.evals[{index}]={eval_dir}: no drift results.json there ({type(e).__name__})") from None
+        metrics = json.loads(path.read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UserError(f"task.evals[{index}]={eval_dir}: no drift results.json there ({type(e).__name__}); allowed: "
+                        f"the out_dir of a drift evaluation (evaluate.py, results.json with metrics)") from None
+    if not isinstance(metrics, dict):
+        raise UserError(f"task.evals[{index}]={path}: 'metrics' is not an object; allowed: the results.json of a drift "
+                        f"evaluation")
     m = metrics.get(f"vs_baseline/{metric}")
+    if m is not None and not (isinstance(m, dict) and all(isinstance(m.get(k), list) for k in
+                                                         ("turn", "mean", "ci_low", "ci_high"))
+                              and len({len(m[k]) for k in ("turn", "mean", "ci_low", "ci_high")}) == 1):
+        raise UserError(f"task.evals[{index}]={path}: vs_baseline/{metric} is not a per-turn metric (allowed: turn, "
+                        f"mean, ci_low, ci_high lists of one length)")
     if m is None:
+        have = sorted(k if k.isprintable() else repr(k) for k in metrics if "/" not in k)
         raise UserError(f"task.evals[{index}]={eval_dir}: no vs_baseline/{metric} (an evaluation with baseline=true "
-                        f"and that metric; it has: {', '.join(sorted(k for k in metrics if '/' not in k))})")
+                        f"and that metric; it has: {', '.join(have)})")
     if turn not in m["turn"]:
         raise UserError(f"task.evals[{index}]={eval_dir}: turn {turn} is not a probe turn there ({m['turn']})")
     i = m["turn"].index(turn)
+    values = m["mean"][i], m["ci_low"][i], m["ci_high"][i]
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+        raise UserError(f"task.evals[{index}]={path}: vs_baseline/{metric} at turn {turn} is {list(values)}; allowed: "
+                        f"numbers or null")
     return m["mean"][i], [m["ci_low"][i], m["ci_high"][i]]
 
 
