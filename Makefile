@@ -24,7 +24,7 @@ demo: install
 
 # Two workers, one thread each: on 2 cores that is ~2x the serial suite (tiny models gain nothing from intra-op threads).
 test: install
-	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests
+	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 bench: install
 	$(PY) bench/train_step.py

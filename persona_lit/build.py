@@ -79,7 +79,8 @@ def restore(ckpt: str, model_override: Any = None,
     `device` only steers where bitsandbytes loads a quantized model (see place() for the rest)."""
     tensors, header = read_checkpoint(ckpt)
     config = header["config"]
-    if not all(isinstance(config.get(k), dict) for k in ("model", "mechanism", "persona")):
+    if not (all(isinstance(config.get(k), dict) for k in ("model", "mechanism"))
+            and isinstance(config.get("persona"), (dict, str))):
         raise UserError(f"ckpt={ckpt}: its config lacks model, mechanism or persona (allowed: a checkpoint written "
                         f"by train.py)")
     model_cfg = OmegaConf.create(plain(model_override) if model_override is not None else config["model"])

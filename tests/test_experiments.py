@@ -156,6 +156,7 @@ TABLES = {
                                     "steer_history_clean_smollm2"],
     "| persona | mean centred projection after release": ["directions_smollm2", "persistence_smollm2"],
     "| arm | name recall, turn 4 | likelihood margin |": [],  # weight vs activation steering: its commands only
+    "| checkpoint | coefficient on ΔW |": [],  # weight projection: its commands only
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}

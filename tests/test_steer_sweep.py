@@ -125,6 +125,6 @@ def test_weight_steer_sweep_and_side_by_side_with_activation_steering(backbone_f
         other["task"]["metric"] = "margin"
         (tmp_path / "m").mkdir()
         (tmp_path / "m" / "results.json").write_text(json.dumps(other))
-        with pytest.raises(UserError, match=r"task.runs\[1\]=.*task.metric=margin but adherence"):
+        with pytest.raises(UserError, match=r"task.runs\[1\]=.*task.metric='margin' but 'adherence'"):
             compare(compose("evaluate", overrides=["task=sweep_compare", f"task.runs=[{act},{tmp_path / 'm'}]",
                                                    f"out_dir={tmp_path / 'c2'}"]))
