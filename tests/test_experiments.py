@@ -157,6 +157,7 @@ TABLES = {
     "| persona | mean centred projection after release": ["directions_smollm2", "persistence_smollm2"],
     "| arm | name recall, turn 4 | likelihood margin |": [],  # weight vs activation steering: its commands only
     "| checkpoint | coefficient on ΔW |": [],  # weight projection: its commands only
+    "| mechanism | forward | train step |": [],  # bench/overhead.py: a benchmark, not a config
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
