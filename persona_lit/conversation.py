@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -78,6 +79,7 @@ class TurnRecord:
     judge: dict[str, float] | None = None  # persona, coherence 0-100 from an optional LLM judge (judge.py)
     persona: str = ""  # the persona whose probes were asked (set by the drift protocol)
     stopped: str = ""  # on a conversation's last record: why no further turn ran (the context limit), if so
+    seconds: float | None = None  # wall-clock seconds of this turn's answers, whole batch, no probes; turn 0: None
 
 
 class Conversation:
@@ -323,9 +325,13 @@ class ConversationRunner(Probing):
                     for rows in records:
                         rows[-1].stopped = why
                     break
+            began = time.perf_counter()
             answers = self.say(conv, texts, **({"reminder": reminder} if reminder is not None else {}))
+            if self.model is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the turn's kernels done before the clock stops
+            seconds = time.perf_counter() - began
             for b, (x, answer) in enumerate(zip(turns, answers)):
                 records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
-                                             len(conv.row_ids(b))))
+                                             len(conv.row_ids(b)), seconds=seconds))
             measure(t)
         return records

@@ -1,7 +1,7 @@
 """The drift protocol: persona arm (the mechanism), baseline arm (the persona as system prompt, mechanism
 disabled) and control arm (no persona) over the same user turns, probes on forks, and every metric per turn
-with an interval over conversations, clustered by persona (metrics/drift.py). Used by evaluate.py and
-callbacks."""
+with a seeded bootstrap interval over conversations, clustered by persona (metrics/drift.py). Used by
+evaluate.py and callbacks."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns:
 
 def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str, Any]:
     """Mechanism minus baseline, paired by conversation (the same turns in both arms): per turn the mean
-    difference and its interval over conversations (clustered by persona like every metric)."""
+    difference and its interval over conversations' paired differences (the cluster bootstrap of every metric:
+    personas, then conversations within them, are resampled with each conversation's difference kept whole)."""
     values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.persona_arm)}
     values["likelihood_margin"] = _mean_margin
     out = {}
@@ -185,7 +186,10 @@ def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None 
               axis: Direction | None = None) -> dict[str, Any]:
     """Every metric per probe turn for each arm present (suffixes: none for the mechanism, `_baseline`,
     `_control`), and `vs_baseline/...`: mechanism minus baseline, paired by conversation. `axis`: project on
-    a saved direction (checked against the model: steering.directions.projection_axis) instead."""
+    a saved direction (checked against the model: steering.directions.projection_axis) instead.
+    Beside them, from the persona arm: `history_tokens` (mean tokens in the history after each turn) and
+    `seconds_per_turn` (mean wall-clock seconds the turn's answer took for its conversation batch, probes
+    excluded; turn 0 has none), both keyed by the turn as a string."""
     groups, metrics = _groups(result), {}
     arms = {"": result.persona_arm, "_baseline": result.baseline_arm, "_control": result.control_arm}
     for suffix, arm in arms.items():
@@ -202,7 +206,11 @@ def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None 
     if result.baseline_arm:
         metrics.update(_versus_baseline(result, probe_turns))
     tokens: dict[str, list[int]] = {}
+    seconds: dict[str, list[float]] = {}
     for records in result.persona_arm:
         for r in records:
             tokens.setdefault(str(r.turn), []).append(r.history_tokens)
-    return {"metrics": metrics, "history_tokens": {t: round(sum(v) / len(v)) for t, v in tokens.items()}}
+            if r.seconds is not None:
+                seconds.setdefault(str(r.turn), []).append(r.seconds)
+    return {"metrics": metrics, "history_tokens": {t: round(sum(v) / len(v)) for t, v in tokens.items()},
+            "seconds_per_turn": {t: round(sum(v) / len(v), 4) for t, v in seconds.items()}}

@@ -20,7 +20,8 @@ from persona_lit.evaluation_dist import launch, resolve_placement
 from persona_lit.judge import Judge, check_judge, judge_arm
 from persona_lit.loggers import make_logger
 from persona_lit.outputs import staged_dir
-from persona_lit.report import compare_runs, write_report
+from persona_lit.compare import compare_runs
+from persona_lit.report import write_report
 from persona_lit.steering.directions import projection_axis
 
 

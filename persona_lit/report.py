@@ -1,4 +1,5 @@
-"""Evaluation outputs: results.json, transcript.jsonl, PNG plots and report.md."""
+"""Evaluation outputs: results.json, transcript.jsonl, PNG plots and report.md (several evaluations side by side:
+compare.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from persona_lit.conversation import TurnRecord  # noqa: E402
-from persona_lit.errors import UserError  # noqa: E402
 
 
 def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:
@@ -21,7 +21,9 @@ def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> No
         for arm, conversations in arms.items():
             for c, records in enumerate(conversations):
                 for r in records:
-                    row = {k: v for k, v in asdict(r).items() if k != "reply_state"}  # tensors stay out of JSON
+                    # tensors stay out of JSON; timings too (results.json has their means), so that the same
+                    # run gives the same transcript
+                    row = {k: v for k, v in asdict(r).items() if k not in ("reply_state", "seconds")}
                     f.write(json.dumps({"arm": arm, "conversation": c, **row}, ensure_ascii=False) + "\n")
 
 
@@ -121,12 +123,15 @@ def versus_baseline(results: dict[str, Any]) -> list[str]:
 
 EXPLAIN = ("Turn 0 is the persona alone: drift is relative to it. Intervals are over independent units, never "
            "over probes: each conversation gives one value per turn (for adherence, the fraction of its probes "
-           "passed), and the 95% interval is a Student-t interval over conversations. Turn 0 is the same for "
-           "every conversation of a persona (no user turn yet), so it counts once per persona. With several "
-           "personas pooled, values are averaged per persona first and the interval is over persona means "
-           "(n = personas). One unit has no interval (\"n=1: no interval\"). When all units are equal the "
-           "t-interval would have zero width: adherence then shows the Wilson interval with units as trials "
-           "(marked Wilson), other metrics show no interval. Arms: the mechanism; the baseline (the same "
+           "passed), and the 95% interval is a seeded percentile bootstrap (2000 resamples) of the mean over "
+           "conversations. Turn 0 is the same for every conversation of a persona (no user turn yet), so it "
+           "counts once per persona. With several personas pooled, the mean is over persona means (n = personas) "
+           "and the bootstrap resamples personas, then conversations within each drawn persona. With few units "
+           "(n < 5) a percentile bootstrap is narrow: read those intervals as rough. One unit has no interval "
+           "(\"n=1: no interval\"). When all units are equal there is no spread: adherence then shows the Wilson "
+           "interval with units as trials (marked Wilson), other metrics show no interval. History tokens and "
+           "s/turn (wall-clock seconds of the turn's answers for one conversation batch, probes excluded) are "
+           "means over the mechanism's conversations. Arms: the mechanism; the baseline (the same "
            "persona as system prompt, mechanism disabled: `none`); the control (no persona, base model), which "
            "shows what history alone does. Capability: KL to the base model with no persona and no history, and "
            "perplexity, on neutral MT-bench reference answers scored at each probe turn.")
@@ -141,10 +146,13 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
              "no persona, base model.", ""]
     lines += versus_baseline(results)
     for name, m in results["metrics"].items():
-        lines += [f"## {name}", "", "| turn | history tokens | mean | 95% CI | n |", "|---|---|---|---|---|"]
+        lines += [f"## {name}", "", "| turn | history tokens | s/turn | mean | 95% CI | n |",
+                  "|---|---|---|---|---|---|"]
         for i, turn in enumerate(m["turn"]):
             tokens = results["history_tokens"].get(str(turn), 0)
-            lines.append(f"| {turn} | {tokens} | {m['mean'][i]:.3f} | {interval_cell(m, i)} | {_units(m, i)} |")
+            seconds = results.get("seconds_per_turn", {}).get(str(turn))
+            lines.append(f"| {turn} | {tokens} | {'—' if seconds is None else f'{seconds:.2f}'} | {m['mean'][i]:.3f} "
+                         f"| {interval_cell(m, i)} | {_units(m, i)} |")
         lines.append("")
     lines += [EXPLAIN, ""]
     lines += [f"![{p}]({p})" for p in plots]
@@ -158,42 +166,3 @@ def write_report(out_dir: Path, results: dict[str, Any], persona_arm: list[list[
     write_transcripts(out_dir / "transcript.jsonl", {k: v for k, v in arms.items() if v})
     plots = plot_metrics(out_dir, results["metrics"], f"{results['run']['mechanism']} / {results['run']['persona']}")
     (out_dir / "report.md").write_text(markdown_report(results, plots))
-
-
-def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
-    """Overlays the curves of several evaluations (their results.json) into one plot per metric family
-    and one markdown table: for users without W&B."""
-    runs = []
-    for d in run_dirs:
-        path = Path(d) / "results.json"
-        if not path.is_file():
-            raise UserError(f"compare: {path} not found (give evaluate.py output directories)")
-        try:
-            runs.append((Path(d), json.loads(path.read_text())))
-        except json.JSONDecodeError as e:
-            raise UserError(f"compare: {path}:{e.lineno}: not valid JSON") from None
-    written = []
-    lines = ["# persona_lit comparison", "", "| run | mechanism | model | persona | metric | mean by turn |",
-             "|---|---|---|---|---|---|"]
-    for stem, (prefix, ylabel) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        drawn = False
-        for d, res in runs:
-            for name, m in res["metrics"].items():
-                if not name.startswith(prefix):
-                    continue
-                draw(ax, m, f"{res['run']['mechanism']}:{d.name} {name}", line_style(name), alpha=0.1)
-                drawn = True
-                lines.append(f"| {d.name} | {res['run']['mechanism']} | {res['run']['model']} | {res['run']['persona']} "
-                             f"| {name} | " + ", ".join(f"{t}: {v:.2f}" for t, v in zip(m["turn"], m["mean"])) + " |")
-        if drawn:
-            ax.set_xlabel("turn")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"compare_{stem}.png", dpi=120)
-            written.append(f"compare_{stem}.png")
-        plt.close(fig)
-    (out_dir / "compare.md").write_text("\n".join(lines + [""] + [f"![{w}]({w})" for w in written]) + "\n")
-    return written + ["compare.md"]

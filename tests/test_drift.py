@@ -95,7 +95,8 @@ def test_intervals_shrink_with_more_conversations_and_cover_the_mean():
 def test_compare_overlays_earlier_evaluations(tmp_path):
     import json
 
-    from persona_lit.report import compare_runs, write_report
+    from persona_lit.compare import compare_runs
+    from persona_lit.report import write_report
 
     for name, policy in (("always", lambda t: True), ("until4", lambda t: t < 4)):
         result = run_protocol(ScriptedRunner(policy), PERSONA, [TURNS, TURNS], PROBE_TURNS, progress=False)
@@ -108,7 +109,7 @@ def test_compare_overlays_earlier_evaluations(tmp_path):
         assert json.loads((tmp_path / name / "results.json").read_text())["metrics"]["adherence/name"]
     (tmp_path / "cmp").mkdir()
     written = compare_runs([tmp_path / "always", tmp_path / "until4"], tmp_path / "cmp")
-    assert "compare_adherence.png" in written
+    assert "compare_adherence.png" in written and "compare.png" in written
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| until4 | until4 | scripted | Cato | adherence/name | 0: 1.00, 1: 1.00, 2: 1.00, 4: 0.00, 8: 0.00 |" in table
 
@@ -151,17 +152,23 @@ def _records(verdicts_by_turn: dict[int, list[bool]]) -> list[TurnRecord]:
 def test_adherence_interval_is_over_conversations_not_pooled_probes():
     """3 conversations x 4 probes at turn 2: one passes all four, two pass none. 12 pooled 'trials' would give
     a Wilson interval of about [0.14, 0.61]; the honest unit is the conversation (n = 3), much wider."""
-    from persona_lit.metrics import t_interval, wilson_interval
+    from persona_lit.metrics import PerTurnMean, bootstrap_interval, t_interval, wilson_interval
 
     arm = [_records({0: [True] * 4, 2: [ok] * 4}) for ok in (True, False, False)]
     m = summarize(ProtocolResult(arm, []), [0, 2])["metrics"]["adherence/name"]
-    assert m["n"] == [1, 3] and m["unit"] == ["personas", "conversations"] and m["interval"] == ["none", "t"]
+    assert m["n"] == [1, 3] and m["unit"] == ["personas", "conversations"] and m["interval"] == ["none", "bootstrap"]
     pooled = wilson_interval(4, 12)
-    mean, lo, hi = t_interval([1.0, 0.0, 0.0])
+    mean, lo, hi = bootstrap_interval([[1.0, 0.0, 0.0]])  # the conversations resampled
     assert m["mean"][1] == pytest.approx(1 / 3) == pytest.approx(mean)
-    assert (m["ci_low"][1], m["ci_high"][1]) == (max(0.0, lo), min(1.0, hi))  # clipped to [0, 1]
+    assert (m["ci_low"][1], m["ci_high"][1]) == (lo, hi) == (0.0, 1.0)
     assert m["ci_high"][1] - m["ci_low"][1] > 1.5 * (pooled[1] - pooled[0])
-    # Conversations that agree on every probe: no t spread, so the Wilson interval with 3 units as trials
+    t = PerTurnMean([2], method="t", bounds=(0.0, 1.0))  # the t-interval stays available
+    for c, v in enumerate((1.0, 0.0, 0.0)):
+        t.update(c, 2, v)
+    mean, lo, hi = t_interval([1.0, 0.0, 0.0])
+    tm = t.compute()
+    assert tm["interval"] == ["t"] and (tm["ci_low"], tm["ci_high"]) == ([max(0.0, lo)], [min(1.0, hi)])  # clipped
+    # Conversations that agree on every probe: no spread, so the Wilson interval with 3 units as trials
     # (never a zero-width [1, 1]; the pooled 12 probes would claim [0.76, 1]).
     agree = summarize(ProtocolResult([_records({2: [True] * 4})] * 3, []), [2])["metrics"]["adherence/name"]
     assert agree["interval"] == ["wilson"] and agree["ci_high"] == [1.0]
@@ -205,10 +212,11 @@ def test_personas_are_the_unit_when_pooled():
     m = summarize(merged, PROBE_TURNS, layer=0)["metrics"]
     adherence, margin = m["adherence/name"], m["likelihood_margin"]
     assert adherence["mean"] == [0.5] * 5 and adherence["n"] == [2] * 5 and adherence["unit"] == ["personas"] * 5
-    assert adherence["ci_low"] == [0.0] * 5 and adherence["ci_high"] == [1.0] * 5  # t with 1 df, clipped
+    # personas resampled: a resample's mean is 0, 0.5 or 1 (margin -1, 0, +1), each end with probability 1/4
+    assert adherence["ci_low"] == [0.0] * 5 and adherence["ci_high"] == [1.0] * 5
+    assert adherence["interval"] == ["bootstrap"] * 5
     assert margin["mean"] == [0.0] * 5  # persona means +1 and -1
-    half = 12.71 * math.sqrt(2) / math.sqrt(2)  # t(0.975, 1 df) * sd of [1, -1] / sqrt(2)
-    assert margin["ci_low"] == pytest.approx([-half] * 5) and margin["ci_high"] == pytest.approx([half] * 5)
+    assert margin["ci_low"] == pytest.approx([-1.0] * 5) and margin["ci_high"] == pytest.approx([1.0] * 5)
 
 
 def test_turn_zero_counts_once_per_persona():
@@ -255,9 +263,11 @@ def test_baseline_arm_in_results_report_and_transcript(tmp_path):
 
 
 def test_nonnegative_costs_never_get_an_interval_below_their_range():
-    """KL to base (>= 0) and perplexity (>= 1) over two spread-out conversations: a t-interval with n=2 reaches
-    far below the mean; it is clipped to the value's range, and all-equal values still get no interval."""
+    """KL to base (>= 0) and perplexity (>= 1) over two spread-out conversations: the bootstrap stays in the
+    values' range; a t-interval with n=2 reaches far below the mean and is clipped to the value's range; all-equal
+    values still get no interval."""
     from persona_lit.drift import _record_metrics
+    from persona_lit.metrics import cluster_interval
 
     def arm(values):
         return [[TurnRecord(2, "q", "a", "", 10, capability={"kl_to_base": v, "nll": math.log(1 + v)})]
@@ -265,7 +275,38 @@ def test_nonnegative_costs_never_get_an_interval_below_their_range():
 
     m = _record_metrics(arm([0.05, 0.6]), [0, 0], [2], "")
     kl, ppl = m["capability/kl_to_base"], m["capability/perplexity"]
-    assert kl["ci_low"] == [0.0] and kl["ci_high"][0] > 0.6 and kl["interval"] == ["t"]
-    assert ppl["ci_low"] == [1.0] and ppl["ci_high"][0] > 1.6
+    assert kl["ci_low"] == [0.05] and kl["ci_high"] == [0.6] and kl["interval"] == ["bootstrap"]
+    assert ppl["ci_low"] == [pytest.approx(1.05)] and ppl["ci_high"] == [pytest.approx(1.6)]
+    t = cluster_interval([[0.05, 0.6]], (0.0, math.inf), method="t")
+    assert t["ci_low"] == 0.0 and t["ci_high"] > 0.6 and t["interval"] == "t"
     same = _record_metrics(arm([0.2, 0.2]), [0, 0], [2], "")["capability/kl_to_base"]
     assert same["ci_low"] == [None] and same["interval"] == ["none"]
+
+
+def test_seconds_per_turn_recorded_summarized_and_reported(tmp_path):
+    """Each turn's answer generation is timed for its conversation batch (probes excluded): every row of a batch
+    holds the same seconds, turn 0 (no answer) none; results.json holds their mean per turn beside history tokens,
+    report.md shows it, the transcript leaves timings out (the same run gives the same transcript)."""
+    import json
+
+    from persona_lit.report import write_report
+
+    result = run_protocol(ScriptedRunner(lambda t: True), PERSONA, [TURNS] * 3, PROBE_TURNS, progress=False, batch=2)
+    for records in result.persona_arm + result.control_arm:
+        assert records[0].seconds is None and all(r.seconds is not None and r.seconds >= 0 for r in records[1:])
+    assert [r.seconds for r in result.persona_arm[0]] == [r.seconds for r in result.persona_arm[1]]  # one batch
+    summary = summarize(result, PROBE_TURNS, layer=0)
+    seconds = summary["seconds_per_turn"]
+    assert sorted(seconds, key=int) == [str(t) for t in range(1, 9)] and set(summary["history_tokens"]) >= set(seconds)
+    by_turn = [r.seconds for records in result.persona_arm for r in records if r.turn == 3]
+    assert seconds["3"] == pytest.approx(sum(by_turn) / 3, abs=1e-4)
+    res = {"run": {"mechanism": "none", "model": "scripted", "persona": "Cato", "ckpt": None, "conversations": 3,
+                   "turns": 8, "do_sample": False, "probe_turns": PROBE_TURNS}, **summary}
+    write_report(tmp_path, res, result.persona_arm, result.control_arm)
+    assert json.loads((tmp_path / "results.json").read_text())["seconds_per_turn"] == seconds
+    report = (tmp_path / "report.md").read_text()
+    assert "| turn | history tokens | s/turn | mean | 95% CI | n |" in report
+    assert f"| 4 | {summary['history_tokens']['4']} | {seconds['4']:.2f} |" in report
+    assert "| 0 | 0 | — |" in report
+    rows = [json.loads(line) for line in (tmp_path / "transcript.jsonl").read_text().splitlines()]
+    assert rows and all("seconds" not in row for row in rows)

@@ -382,3 +382,30 @@ def test_drift_results(work, data):
     if not isinstance(out, UserError):
         mean, (low, high) = out
         assert all(v is None or isinstance(v, (int, float)) for v in (mean, low, high))
+
+
+COMPARED = {"run": {"mechanism": "lyra", "model": "tiny-llama", "persona": "Cato"},
+            "metrics": {"adherence/name": {**PER_TURN, "ci_low": [None, 0.1], "ci_high": [None, 0.4], "n": [1, 3],
+                                           "interval": ["none", "bootstrap"]},
+                        "likelihood_margin_baseline": PER_TURN, "capability/kl_to_base_control": PER_TURN},
+            "history_tokens": {"0": 30, "5": 700}, "seconds_per_turn": {"5": 1.5}}
+
+
+@settings(max_examples=15 if EXAMPLES == 40 else EXAMPLES, deadline=None, derandomize=EXAMPLES == 40, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # plots: fewer examples
+@given(data=texts(json_text, mutated(COMPARED).map(dumps)))
+def test_compare_results(work, data):
+    import shutil
+
+    from persona_lit.compare import compare_runs
+
+    good, fuzzed, out = work / "cmp_good", work / "cmp_fuzzed", work / "cmp_out"
+    for d in (good, fuzzed):
+        d.mkdir(exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    (good / "results.json").write_text(dumps(COMPARED))
+    (fuzzed / "results.json").write_bytes(data)
+    result = parsed_or_user_error(compare_runs, [good, fuzzed], out)
+    if isinstance(result, UserError):
+        assert list(out.iterdir()) == []  # checked before anything is written

@@ -5,17 +5,32 @@ conversation share its history and are not independent trials. Per turn:
 - each conversation contributes one value (for adherence, the fraction of its probes passed at that turn);
 - turn 0 (the persona alone, no user turn yet) is the same for every conversation of a persona, so it counts
   once per persona (the mean of that persona's conversations);
-- with >= 2 personas the values are first averaged per persona and the interval is over persona means
-  (each persona weighs the same); with one persona it is over conversations;
-- the interval is a 95% Student-t interval over those units (clipped to [0, 1] for proportions); n = 1 has
-  no interval (None); n >= 2 identical values give no t spread: a proportion then gets the Wilson score
-  interval with the units as trials (valid because a [0, 1] value's variance is at most p(1 - p)), any
-  other metric gets no interval. `interval` names the method per turn: "t", "wilson" or "none".
+- the point estimate: with >= 2 personas the values are first averaged per persona and the persona means
+  averaged with equal weight (n = personas); with one persona, the mean over its conversations (n =
+  conversations);
+- the interval (default, `interval` = "bootstrap"): a seeded 95% percentile cluster bootstrap of that same
+  statistic, BOOTSTRAP_RESAMPLES (2000) resamples from a generator seeded with BOOTSTRAP_SEED, so the same
+  records give the same interval. Pooled (>= 2 personas): each resample draws personas with replacement (as
+  many as there are), then, inside each drawn persona, its conversations with replacement (as many as it
+  has), and averages the drawn personas' means; the spread thus includes both the persona-to-persona and
+  the conversation-to-conversation variation, never a pooled-probe one. One persona: its conversations are
+  drawn with replacement. (At turn 0 each persona holds one value: personas are drawn.) The percentile
+  bootstrap stays inside the values' range and, with very few units (n < ~5), is narrower than a
+  t-interval and under-covers: read small-n intervals as rough; method="t" (t_interval over the unit
+  values: conversations, or persona means when pooled) remains available;
+- n = 1 has no interval (None); no spread (every value equal, so a zero-width interval) gives a proportion
+  (any value with finite `bounds`) the Wilson score interval with the units as trials (valid because a
+  [0, 1] value's variance is at most p(1 - p)), any other metric no interval; intervals are clipped to
+  `bounds`. `interval` names the method per turn: "bootstrap" (or "t"), "wilson" or "none".
+
+unit_interval (t over flat, independent units, same n = 1 / no-spread rules) is what the steering reports use
+over runs.
 
 Multi-process use: the states are lists of rows (group, conversation, turn index, sum, count) reduced by
 concatenation, so a synced compute() sees every rank's conversations, provided conversation ids are global.
-The drift protocol computes them on one process over the complete list of records and constructs them
-with sync_on_compute=False (see persona_lit.drift.LOCAL): no collective a lone rank could wait in.
+compute() orders the rows by (turn, group, conversation) before resampling, so the interval does not depend on
+which rank held what. The drift protocol computes them on one process over the complete list of records and
+constructs them with sync_on_compute=False (see persona_lit.drift.LOCAL): no collective a lone rank could wait in.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import math
 from collections import defaultdict
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -31,6 +47,10 @@ from torchmetrics.utilities import dim_zero_cat
 # Two-sided 95% Student-t critical values by degrees of freedom (1..30); 1.96 beyond.
 _T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same records always give the same interval
+INTERVAL_METHODS = ("bootstrap", "t")
+_CHUNK = 4_000_000  # bootstrap draws held at once (resamples x personas x conversations), bounds the memory
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
@@ -46,6 +66,44 @@ def t_interval(values: Sequence[float]) -> tuple[float, float | None, float | No
     return mean, mean - half, mean + half
 
 
+def _clustered_mean(clusters: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """(the point estimate, n units): the mean of the cluster means with >= 2 clusters, else of the one cluster's
+    values."""
+    clusters = [c for c in clusters if len(c)]
+    units = [sum(c) / len(c) for c in clusters] if len(clusters) >= 2 else list(clusters[0] if clusters else [])
+    return (sum(units) / len(units) if units else math.nan), len(units)
+
+
+def bootstrap_interval(clusters: Sequence[Sequence[float]], resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): a seeded percentile cluster bootstrap. `clusters`: one list of conversation values per
+    persona. With >= 2 clusters a resample draws clusters with replacement, then values within each drawn
+    cluster with replacement, and takes the mean of the drawn clusters' means; with one, its values are
+    drawn. (mean, None, None) with fewer than two units."""
+    clusters = [np.asarray(c, dtype=np.float64) for c in clusters if len(c)]
+    mean, n = _clustered_mean([c.tolist() for c in clusters])
+    if n < 2:
+        return mean, None, None
+    rng = np.random.default_rng(seed)
+    groups, longest = len(clusters), max(len(c) for c in clusters)
+    sizes = np.array([len(c) for c in clusters])
+    padded = np.zeros((groups, longest))
+    for g, c in enumerate(clusters):
+        padded[g, : len(c)] = c
+    reps = []
+    step = max(1, _CHUNK // (groups * longest))
+    for start in range(0, resamples, step):
+        b = min(step, resamples - start)
+        pick = rng.integers(0, groups, (b, groups))  # one cluster always picks itself: conversations only
+        size = sizes[pick][..., None]  # (b, groups, 1)
+        draw = np.minimum((rng.random((b, groups, longest)) * size).astype(np.int64), size - 1)
+        kept = np.arange(longest) < size
+        values = np.where(kept, padded[pick[..., None], draw], 0.0)
+        reps.append((values.sum(-1) / size[..., 0]).mean(-1))
+    low, high = np.quantile(np.concatenate(reps), [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(low), float(high)
+
+
 def wilson_interval(passed: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion; (0, 1) when there is no data."""
     if n <= 0:
@@ -56,35 +114,75 @@ def wilson_interval(passed: float, n: float, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def unit_interval(units: Sequence[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Mean, 95% interval and method over independent unit values (see the module docstring). `bounds`: the
-    range of a bounded value (a proportion: (0, 1); a difference of proportions: (-1, 1); a KL: (0, inf),
-    where the interval is only clipped)."""
-    n = len(units)
-    mean, low, high = t_interval(units)
-    method = "t" if low is not None else "none"
-    if n >= 2 and max(units) == min(units):  # no spread: the t-interval would be zero width
-        low = high = None
-        method = "none"
-        if bounds is not None and bounds[0] <= mean <= bounds[1] and math.isfinite(bounds[1] - bounds[0]):
-            a, width = bounds[0], bounds[1] - bounds[0]  # rescaled to [0, 1], Wilson, scaled back
-            q_low, q_high = wilson_interval((mean - a) / width * n, n)
-            low, high, method = a + q_low * width, a + q_high * width, "wilson"
-    elif bounds is not None and low is not None:
+def _no_spread(mean: float, n: int, bounds: tuple[float, float] | None) -> dict[str, Any]:
+    """All units equal: Wilson with the units as trials for a bounded value (rescaled to [0, 1]), else none."""
+    out = {"mean": mean, "ci_low": None, "ci_high": None, "n": n, "interval": "none"}
+    if bounds is not None and bounds[0] <= mean <= bounds[1] and math.isfinite(bounds[1] - bounds[0]):
+        a, width = bounds[0], bounds[1] - bounds[0]
+        q_low, q_high = wilson_interval((mean - a) / width * n, n)
+        out.update(ci_low=a + q_low * width, ci_high=a + q_high * width, interval="wilson")
+    return out
+
+
+def _clipped(mean: float, low: float, high: float, n: int, bounds: tuple[float, float] | None,
+             method: str) -> dict[str, Any]:
+    if bounds is not None:
         low, high = max(bounds[0], low), min(bounds[1], high)
     return {"mean": mean, "ci_low": low, "ci_high": high, "n": n, "interval": method}
 
 
+def unit_interval(units: Sequence[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean, 95% t-interval and method over independent unit values (see the module docstring). `bounds`: the
+    range of a bounded value (a proportion: (0, 1); a difference of proportions: (-1, 1); a KL: (0, inf),
+    where the interval is only clipped)."""
+    n = len(units)
+    mean, low, high = t_interval(units)
+    if n >= 2 and max(units) == min(units):  # no spread: the t-interval would be zero width
+        return _no_spread(mean, n, bounds)
+    if low is None:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": n, "interval": "none"}
+    return _clipped(mean, low, high, n, bounds, "t")
+
+
+def cluster_interval(clusters: Sequence[Sequence[float]], bounds: tuple[float, float] | None = None,
+                     method: str = "bootstrap", resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Mean, 95% interval and method of conversation values in persona clusters (one list per persona; see the
+    module docstring): "bootstrap" (the cluster bootstrap) or "t" (a t-interval over the units: persona means
+    when >= 2 clusters, else the conversations)."""
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"interval method {method!r}; allowed: {', '.join(INTERVAL_METHODS)}")
+    clusters = [list(c) for c in clusters if len(c)]
+    if method == "t":
+        return unit_interval([sum(c) / len(c) for c in clusters] if len(clusters) >= 2
+                             else (clusters[0] if clusters else []), bounds)
+    mean, n = _clustered_mean(clusters)
+    if n < 2:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": n, "interval": "none"}
+    values = [v for c in clusters for v in c]
+    if max(values) == min(values):
+        return _no_spread(mean, n, bounds)
+    _, low, high = bootstrap_interval(clusters, resamples, seed)
+    if high <= low:  # (almost) every resample the same: as good as no spread, never a zero-width interval
+        return _no_spread(mean, n, bounds)
+    return _clipped(mean, low, high, n, bounds, "bootstrap")
+
+
 class PerTurnMean(Metric):
     """One value per (conversation, turn), optionally in persona groups; per turn the mean and a 95% interval
-    over the independent units (conversations, personas at turn 0, persona means when pooled)."""
+    over the independent units (conversations, personas at turn 0, persona means when pooled): by default the
+    seeded cluster bootstrap (`method="bootstrap"`, `resamples`, `seed`), or `method="t"`."""
 
     full_state_update = False
     bounds: tuple[float, float] | None = None  # a bounded value: interval clipped, Wilson when all units agree
 
     def __init__(self, turns: Sequence[int], shared_first_turn: bool = True,
-                 bounds: tuple[float, float] | None = None, **kwargs):
+                 bounds: tuple[float, float] | None = None, method: str = "bootstrap",
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, **kwargs):
         super().__init__(**kwargs)
+        if method not in INTERVAL_METHODS:
+            raise ValueError(f"interval method {method!r}; allowed: {', '.join(INTERVAL_METHODS)}")
+        self.method, self.resamples, self.seed = method, int(resamples), int(seed)
         self.turns = list(turns)
         self.bounds = bounds if bounds is not None else type(self).bounds
         self.shared_first_turn = shared_first_turn  # turn 0 counts once per persona
@@ -117,11 +215,8 @@ class PerTurnMean(Metric):
                     by_group[g].append(total / count)
             if turn == 0 and self.shared_first_turn:
                 by_group = {g: [sum(v) / len(v)] for g, v in by_group.items()}
-            if len(by_group) >= 2 or (turn == 0 and self.shared_first_turn):
-                units, unit = [sum(v) / len(v) for v in by_group.values()], "personas"
-            else:
-                units, unit = [v for vs in by_group.values() for v in vs], "conversations"
-            stats = unit_interval(units, self.bounds)
+            unit = "personas" if len(by_group) >= 2 or (turn == 0 and self.shared_first_turn) else "conversations"
+            stats = cluster_interval(list(by_group.values()), self.bounds, self.method, self.resamples, self.seed)
             for key in ("mean", "ci_low", "ci_high", "n", "interval"):
                 out[key].append(stats[key])
             out["unit"].append(unit)
