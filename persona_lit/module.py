@@ -30,7 +30,8 @@ class PersonaLitModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, mechanism: Mechanism, optimizer: Callable, scheduler: Callable | None = None,
                  kl_weight: float = 0.0, run_config: dict[str, Any] | None = None, fingerprint: str = "",
-                 distill_weight: float = 0.0, pad_id: int = 0, reopen: tuple[int, ...] = ()):
+                 distill_weight: float = 0.0, pad_id: int = 0, reopen: tuple[int, ...] = (),
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.model, self.mechanism = model, mechanism
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -38,6 +39,7 @@ class PersonaLitModule(L.LightningModule):
         self.distill_weight, self.pad_id = distill_weight, pad_id
         self.reopen = tuple(reopen)  # the user header a later Gemma turn opens with (distill.py drops it for the teacher)
         self.strict_loading = False  # checkpoints hold only the trainable tensors; load_trainable checks them
+        self.gradient_checkpointing = gradient_checkpointing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -81,6 +83,9 @@ class PersonaLitModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained hands models over in eval mode
+        if self.gradient_checkpointing:  # each decoder layer's activations recomputed in backward, not kept
+            # Non-reentrant: gradients reach adapters and mechanism weights although the embeddings are frozen.
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def configure_optimizers(self) -> Any:
         params = list(self.mechanism.trainable_parameters())

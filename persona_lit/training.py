@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> Path:
             scheduler=instantiate(cfg.module.scheduler) if cfg.module.scheduler else None,
             kl_weight=float(cfg.module.kl_weight), run_config=config, fingerprint=backbone.fingerprint,
             distill_weight=float(cfg.module.distill_weight), pad_id=backbone.chat.pad_id,
-            reopen=tuple(backbone.chat.reopen_ids()),
+            reopen=tuple(backbone.chat.reopen_ids()), gradient_checkpointing=bool(cfg.module.gradient_checkpointing),
         )
         ckpt_dir = run_dir / "checkpoints"
         callbacks = [

@@ -69,7 +69,7 @@ class LyraAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         mechanism = self._mechanism[0]
-        ctx = mechanism.ctx
+        ctx = kwargs.pop("lyra_ctx", None)
         if ctx is None:  # disabled, or no conversation/segments: the layer as it is (the original if disabled)
             layer = self.lyra_original if mechanism._disabled and self.lyra_original is not None else self.base
             return layer(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
@@ -164,7 +164,6 @@ class LyraMechanism(Mechanism):
         self.counts: dict[str, torch.Tensor] = {}
         self.part: str | None = None  # "persona", then "turn"; None outside a conversation
         self.persona_ids: list[torch.Tensor] = []
-        self.ctx: _Context | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:
         self.attn_implementation = model.config._attn_implementation
@@ -197,7 +196,6 @@ class LyraMechanism(Mechanism):
         self.rotary = inner.rotary_emb
         self.rotary_takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        model.register_forward_hook(lambda *a: setattr(self, "ctx", None))
         return super().attach(model)
 
     def _inject_lora(self, model: nn.Module) -> None:
@@ -277,17 +275,18 @@ class LyraMechanism(Mechanism):
         ref = ids if ids is not None else kwargs["inputs_embeds"]
         batch, q = ref.shape[0], ref.shape[1]
         mask2d = kwargs.get("attention_mask")
+        ctx = None
         if self._disabled:
-            self.ctx = None
+            pass
         elif segment_ids is not None:
             valid = (mask2d if mask2d is not None else torch.ones(batch, q, device=ref.device)).bool()
-            self.ctx = self._training_context(segment_ids.to(ref.device), valid)
+            ctx = self._training_context(segment_ids.to(ref.device), valid)
         elif self.part is not None:
             valid = mask2d[:, -q:].bool() if mask2d is not None else torch.ones(batch, q, dtype=torch.bool,
                                                                                device=ref.device)
-            self.ctx = self._inference_context(valid, ids)
-        else:
-            self.ctx = None
+            ctx = self._inference_context(valid, ids)
+        if ctx is not None:  # travels with the call (decoder layer kwargs), so a checkpointed layer's
+            kwargs["lyra_ctx"] = ctx  # recomputation in backward sees the same context as its forward
         return args, kwargs
 
     def _inference_context(self, valid: torch.Tensor, ids: torch.Tensor | None) -> _Context:

@@ -115,7 +115,7 @@ class TripletAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         out, weights = self.base(hidden_states, position_embeddings=position_embeddings,
                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        ctx = self._mechanism[0].ctx
+        ctx = kwargs.pop("triplet_ctx", None)
         if ctx is None:  # linkage 0 or disabled(): the base layer, untouched
             return out, weights
         signal = self._read(hidden_states, position_embeddings, ctx)
@@ -156,7 +156,6 @@ class TripletMechanism(Mechanism):
         self.layers = list(layers) if layers is not None else None
         self.linkage, self.gain, self.memory_tokens = float(linkage), float(gain), int(memory_tokens)
         self.memory: Memory | None = None
-        self.ctx: _Context | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
@@ -169,7 +168,6 @@ class TripletMechanism(Mechanism):
         for i in self.layers:
             layers[i].self_attn = TripletAttention(layers[i].self_attn, self, i, dtype)
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        model.register_forward_hook(lambda *a: setattr(self, "ctx", None))
         return super().attach(model)
 
     # conversation state ---------------------------------------------------------------------------
@@ -200,7 +198,6 @@ class TripletMechanism(Mechanism):
 
     # per-call context -----------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
-        self.ctx = None
         if self._disabled or self.linkage == 0.0:  # the base model: nothing read, nothing written
             return args, kwargs
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -231,5 +228,7 @@ class TripletMechanism(Mechanism):
             self.memory = Memory(keys_valid[:, keep_from:], keys_idx[:, keep_from:], count)
             write = self.memory.kv
         weight = has_any.to(module.dtype) * (self.linkage * self.gain)
-        self.ctx = _Context(allowed[:, None], weight, mem.kv, write, keep_from)
+        # The call's context travels with the call (decoder layer kwargs), so a checkpointed layer's recomputation
+        # in backward reads the same memory and mask as its forward did.
+        kwargs["triplet_ctx"] = _Context(allowed[:, None], weight, mem.kv, write, keep_from)
         return args, kwargs
