@@ -83,22 +83,23 @@ class ExportCheckpoint(L.Callback):
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        state = trainable_state(pl_module.model)  # on every rank: FSDP2 gathers its shards here
         if not trainer.is_global_zero:
             return
-        export_staged(pl_module.mechanism, self.dirpath / "peft_adapter")
-        path = save_checkpoint(self.dirpath / FINAL_NAME, trainable_state(pl_module.model), pl_module.run_config,
-                               pl_module.fingerprint)
+        export_staged(pl_module.mechanism, self.dirpath / "peft_adapter", state)
+        path = save_checkpoint(self.dirpath / FINAL_NAME, state, pl_module.run_config, pl_module.fingerprint)
         print(f"persona_lit: checkpoint written to {path}")
 
 
-def export_staged(mechanism, directory: Path) -> None:
+def export_staged(mechanism, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """mechanism.export into a temporary sibling of `directory`, which then replaces it (nothing if the
-    mechanism has no artifact)."""
+    mechanism has no artifact). `state`: the whole trainable tensors (trainable_state), when the model's own are
+    sharded."""
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
         try:
-            mechanism.export(tmp)
+            mechanism.export(tmp, state)
             if not any(tmp.iterdir()):
                 tmp.rmdir()
                 return

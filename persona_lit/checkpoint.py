@@ -23,7 +23,12 @@ FINAL_NAME = "final.safetensors"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors, whole. Under FSDP2 (trainer=fsdp2) a parameter is a sharded DTensor: gathered here,
+    a collective, so every rank must call this."""
+    def whole(p: torch.Tensor) -> torch.Tensor:
+        return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+    return {name: whole(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:

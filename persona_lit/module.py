@@ -81,6 +81,23 @@ class PersonaLitModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._loss(batch, "val")
 
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (trainer=fsdp2): FSDP2 shards every decoder layer, then the rest,
+        over the data-parallel mesh; frozen base weights and the mechanism's trainable ones alike. Other
+        strategies: nothing to do (the model is built before the trainer)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self, "_fsdp2_done", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        from persona_lit.backbones import decoder_layers
+
+        dp = mesh["data_parallel"]
+        for layer in decoder_layers(self.model):
+            fully_shard(layer, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+        self._fsdp2_done = True
+
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained hands models over in eval mode
         if self.gradient_checkpointing:  # each decoder layer's activations recomputed in backward, not kept

@@ -1,7 +1,7 @@
-"""Every trainable mechanism under DDP (2 CPU processes, in a subprocess with a timeout) against one process on
-the same global batch: one process with batch_size=4 and accumulate_grad_batches=2 sees batches 2k and 2k+1 in
+"""Every trainable mechanism under DDP and under FSDP2 (trainer=fsdp2: Lightning's ModelParallelStrategy), 2 CPU
+processes in a subprocess with a timeout, against one process on the same global batch: one process with batch_size=4 and accumulate_grad_batches=2 sees batches 2k and 2k+1 in
 step k; two ranks with batch_size=4 see batch 2k (rank 0) and 2k+1 (rank 1), and DDP averages their gradients,
-which is what accumulation does. Same losses per batch, same final trainable weights (float tolerance: the
+which is what accumulation does (FSDP2: reduce-scattered, the same average). Same losses per batch, same final trainable weights (float tolerance: the
 gradient sums are reduced in another order), and the DDP checkpoint loads on one process with the same logits.
 A mechanism with nothing to train refuses DDP with one line (exit 2) instead of torch's traceback."""
 
@@ -41,33 +41,37 @@ def train(tmp_path, name, extra, *more):
 
 
 @pytest.mark.parametrize("mechanism", list(MECHANISMS))
-def test_ddp_matches_one_process_on_the_same_global_batch(mechanism, tmp_path, backbone_factory):
+def test_ddp_and_fsdp2_match_one_process_on_the_same_global_batch(mechanism, tmp_path, backbone_factory):
     extra = list(MECHANISMS[mechanism])
     if mechanism.startswith("steer"):
         from tests.test_steer import direction_file
 
         extra.append(f"mechanism.options.direction={direction_file(backbone_factory('tiny-llama'), tmp_path / 'd.safetensors')}")
     one = train(tmp_path, "one", extra, "trainer.accumulate_grad_batches=2")
-    ddp = train(tmp_path, "ddp", extra, "trainer=ddp")
-    assert len(list(ddp.glob("losses_rank*.jsonl"))) == 2  # both ranks trained
-    a, b = losses(one), losses(ddp)
-    assert a.keys() == b.keys() and len(a) == 6, (sorted(a), sorted(b))  # 3 steps x 2 batches of 4, the same batches
-    for k in a:
-        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
-    wa, wb = (load_file(d / "checkpoints/final.safetensors") for d in (one, ddp))
-    assert wa.keys() == wb.keys() and len(wa) > 0
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
-
-    # the DDP run's checkpoint loads on one process and gives the one-process run's logits
+    a, wa = losses(one), load_file(one / "checkpoints/final.safetensors")
+    assert len(a) == 6 and len(wa) > 0  # 3 steps x 2 batches of 4
     from persona_lit.build import restore
 
     backbone, model_a, _, _, _ = restore(str(one / "checkpoints/final.safetensors"))
-    _, model_b, _, _, _ = restore(str(ddp / "checkpoints/final.safetensors"))
     batch = sample_batch(backbone.chat)
     with torch.no_grad():
-        la, lb = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for m in (model_a, model_b))
-    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+        la = model_a(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for strategy in ("ddp", "fsdp2"):
+        run = train(tmp_path, strategy, extra, f"trainer={strategy}")
+        assert len(list(run.glob("losses_rank*.jsonl"))) == 2, strategy  # both ranks trained
+        b = losses(run)
+        assert a.keys() == b.keys(), (strategy, sorted(a), sorted(b))  # the same batches
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (strategy, k)
+        wb = load_file(run / "checkpoints/final.safetensors")
+        assert wa.keys() == wb.keys(), strategy
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{strategy} {k}")
+        # the multi-process run's checkpoint loads on one process and gives the one-process run's logits
+        _, model_b, _, _, _ = restore(str(run / "checkpoints/final.safetensors"))
+        with torch.no_grad():
+            lb = model_b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4, msg=strategy)
 
 
 @pytest.mark.parametrize("mechanism", ["none", "split_softmax"])

@@ -131,8 +131,10 @@ EXPECTED = {
     "steer_history_clean_smollm2": lambda: steer_history("clean", "false") + [out("steer_history_clean_smollm2")],
     "persistence_smollm2": lambda: code_command("task=persistence model=smollm2-135m-instruct"),
     # README "Training on the pool": commands without a measured table yet
-    "pool_none_smollm2": lambda: code_command("personas=test_split pool.max_personas=20 turns=16 conversations=3")
-    + [out("pool_none_smollm2")],
+    "pool_none_smollm2": lambda: code_command("personas=test_split pool.max_personas=10 turns=12 conversations=2 "
+                                              "mechanism=none") + [out("pool_none_smollm2")],
+    "pool_repeat_smollm2": lambda: code_command("mechanism=repeat mechanism.options.every=4 personas=test_split")
+    + [out("pool_repeat_smollm2")],
     "lyra_pool_smollm2": lambda: code_command("data=persona_pool") + [f"hydra.run.dir={POOL_RUN}"],
     "lyra_pool_smollm2_eval": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
                                        for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split")]
@@ -162,7 +164,7 @@ TABLES = {
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
 # Bundles for README commands that have no measured table yet.
-UNMEASURED = ["pool_none_smollm2", "lyra_pool_smollm2", "lyra_pool_smollm2_eval", "repeat_smollm2",
+UNMEASURED = ["pool_none_smollm2", "lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2"]
 
 

@@ -69,5 +69,6 @@ class Mechanism:
         """Keep rows `index` (a long tensor, repeats allowed) of the batched conversation state, as the
         conversation runner does with the KV cache for probes on forks. Called between snapshot/restore."""
 
-    def export(self, directory) -> None:
-        """Write a standard artifact other tools can load (e.g. a PEFT adapter directory), if any."""
+    def export(self, directory, state=None) -> None:
+        """Write a standard artifact other tools can load (e.g. a PEFT adapter directory), if any. `state`: the
+        whole trainable tensors by parameter name, given where the model's own are sharded (FSDP2)."""

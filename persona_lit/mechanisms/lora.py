@@ -39,5 +39,5 @@ class LoraMechanism(Mechanism):
     def disabled(self) -> ContextManager:
         return self.model.disable_adapter()
 
-    def export(self, directory) -> None:
-        self.model.save_pretrained(Path(directory))
+    def export(self, directory, state=None) -> None:
+        self.model.save_pretrained(Path(directory), **({"state_dict": state} if state is not None else {}))
