@@ -5,10 +5,12 @@ Written to out_dir:
   adherence (when any run has it), likelihood margin, capability KL to base, history tokens and seconds per
   turn (when recorded); each run (mechanism) one coloured line with its 95% interval band; the baseline (the
   plain system prompt: a `none` run, else the runs' `_baseline` arm) and the control arm (no persona) drawn
-  once per model and persona, in grey, dashed and dotted; one legend below the panels.
+  once per model and persona, in grey, dashed and dotted; a run's bleed arm (bleed=true: no persona, mechanism
+  on), where it has one, dash-dotted in the run's colour on the name adherence and KL panels; one legend below
+  the panels.
 - compare_<family>.png: every metric of every arm per metric family (as report.py's plots), legend below.
-- compare.md: per run and probe turn the headline numbers with their intervals, history tokens and seconds
-  per turn; then every metric's mean by turn.
+- compare.md: per run and probe turn the headline numbers with their intervals (and, when any run has a bleed
+  arm, its name adherence and KL to base), history tokens and seconds per turn; then every metric's mean by turn.
 
 Every results.json is read and checked before anything is written: a damaged one is one UserError line.
 """
@@ -32,6 +34,7 @@ from persona_lit.report import PLOTS, draw, line_style  # noqa: E402
 HEADLINE = [("adherence/name", "name adherence", "name"), ("adherence/style", "style adherence", "style"),
             ("likelihood_margin", "likelihood margin (log p persona - log p default)", "margin"),
             ("capability/kl_to_base", "capability KL to base (nats/token)", "KL to base")]
+BLEED = {"adherence/name": "bleed name", "capability/kl_to_base": "bleed KL"}  # the bleed arm's, in plot and table
 GREY = "0.45"
 _PER_TURN = ("turn", "mean", "ci_low", "ci_high")
 
@@ -94,7 +97,8 @@ def _references(runs: list[tuple[Path, dict]]) -> list[tuple[str, str, str, dict
         tag = "" if len(contexts) == 1 else f", {ctx}"
         none = next((res for res in mine if res["run"]["mechanism"] == "none"), None)
         if none is not None:
-            base = {**{n: m for n, m in none["metrics"].items() if not n.endswith(("_baseline", "_control"))},
+            arms = ("_baseline", "_control", "_bleed")
+            base = {**{n: m for n, m in none["metrics"].items() if not n.endswith(arms)},
                     "history_tokens": _series(none.get("history_tokens", {})),
                     "seconds_per_turn": _series(none.get("seconds_per_turn", {}))}
         else:
@@ -165,6 +169,9 @@ def summary_plot(runs: list[tuple[Path, dict]], path: Path) -> None:
             m = _metric(res, name)
             if m:
                 _draw_band(ax, m, label, colours[k % len(colours)])
+            bleed = res["metrics"].get(f"{name}_bleed") if name in BLEED else None
+            if bleed:
+                _draw_band(ax, bleed, f"{label}: bleed (no persona)", colours[k % len(colours)], "-.", alpha=0.06)
             k += 1
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("turn")
@@ -208,6 +215,8 @@ def headline_table(runs: list[tuple[Path, dict]]) -> list[str]:
     """Per run and probe turn: the headline metrics with 95% intervals, history tokens, seconds per turn."""
     have = {n for _, res in runs for n in res["metrics"]}
     cols = [(name, col) for name, _, col in HEADLINE if name in have or name == "adherence/name"]
+    bleed = [(f"{name}_bleed", col) for name, col in BLEED.items() if f"{name}_bleed" in have]
+    cols += bleed  # runs with bleed=true: their bleed arm (no persona, mechanism on)
     lines = ["| run | turn | " + " | ".join(col for _, col in cols) + " | control KL | history tokens | s/turn |",
              "|---|---|" + "---|" * (len(cols) + 3)]
     rows = [(label, res, "") for (_, res), label in zip(runs, _labels(runs))]
@@ -261,7 +270,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
                                   for (d, res), label in zip(runs, _labels(runs))) + ".", "",
              "## Headline numbers by probe turn", "",
              "Mean [95% interval] (ᵂ: Wilson, all units agreed; n=1: one unit, no interval). The baseline is the "
-             "persona as plain system prompt (`none`); control KL: the control arm (no persona) of the same run. "
+             "persona as plain system prompt (`none`); control KL: the control arm (no persona) of the same run; "
+             "bleed name, bleed KL (runs with bleed=true): its bleed arm (no persona, mechanism on). "
              "History tokens: mean tokens in the history after the turn; s/turn: mean wall-clock seconds of the "
              "turn's answer generation per conversation batch (probes excluded).", ""]
     lines += headline_table(runs)

@@ -1,7 +1,7 @@
 """The drift protocol: persona arm (the mechanism), baseline arm (the persona as system prompt, mechanism
-disabled) and control arm (no persona) over the same user turns, probes on forks, and every metric per turn
-with a seeded bootstrap interval over conversations, clustered by persona (metrics/drift.py). Used by
-evaluate.py and callbacks."""
+disabled), control arm (no persona) and, optionally, bleed arm (no persona, mechanism on) over the same user
+turns, probes on forks, and every metric per turn with a seeded bootstrap interval over conversations,
+clustered by persona (metrics/drift.py). Used by evaluate.py and callbacks."""
 
 from __future__ import annotations
 
@@ -29,16 +29,18 @@ class ProtocolResult:
     control_arm: list[list[TurnRecord]]  # same turns, no persona, mechanism disabled: the base model
     groups: list[int] = field(default_factory=list)  # persona of each conversation (merged results); [] = one
     baseline_arm: list[list[TurnRecord]] = field(default_factory=list)  # same turns, persona, mechanism disabled
+    bleed_arm: list[list[TurnRecord]] = field(default_factory=list)  # same turns, no persona, mechanism on
 
 
 def merge(results: Sequence[ProtocolResult]) -> ProtocolResult:
     """Several personas' results as one: their conversations pool into every interval (clustered by persona),
     while each persona keeps its own projection direction."""
-    out = ProtocolResult([], [], [], [])
+    out = ProtocolResult([], [], [], [], [])
     for g, r in enumerate(results):
         out.persona_arm += r.persona_arm
         out.control_arm += r.control_arm
         out.baseline_arm += r.baseline_arm
+        out.bleed_arm += r.bleed_arm
         out.groups += [g] * len(r.persona_arm)
     return out
 
@@ -46,17 +48,20 @@ def merge(results: Sequence[ProtocolResult]) -> ProtocolResult:
 def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence[Sequence[Any]],
                  probe_turns: Sequence[int], control: bool = True, progress: bool = True,
                  capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
-                 batch: int = 8, baseline: bool = True) -> ProtocolResult:
+                 batch: int = 8, baseline: bool = True, bleed: bool = False) -> ProtocolResult:
     """Conversations run `batch` at a time (one padded batch); `capability`: (question, reference answer)
     pairs for the capability cost (probing.py), scored at every probe turn in every arm.
 
     Arms on the same turns: persona (the mechanism), control (no persona, mechanism disabled) and, with
-    `baseline` and a mechanism other than `none`, baseline (the persona as system prompt, mechanism disabled:
-    what `none` would do)."""
+    a mechanism other than `none`: with `baseline`, baseline (the persona as system prompt, mechanism disabled:
+    what `none` would do); with `bleed`, bleed (no persona, mechanism on: does it invent a persona, at what
+    capability cost; it answers the persona's probes, as the control arm does). The bleed arm runs last, so
+    the other arms are the same with or without it."""
     if capability:
         runner.prepare_references(capability, capability_tokens)
     baseline = baseline and runner.mechanism.name != "none"  # there the persona arm is the baseline
-    persona_arm, control_arm, baseline_arm = [], [], []
+    bleed = bleed and runner.mechanism.name != "none"  # there it is the control arm
+    persona_arm, control_arm, baseline_arm, bleed_arm = [], [], [], []
     for k in range(0, len(streams), batch):
         group = streams[k : k + batch]
         where = f"{k + 1}-{k + len(group)}/{len(streams)}"
@@ -69,10 +74,13 @@ def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence
             if control:
                 control_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
                                           desc=f"control {where}", capability=capability)
-    for records in persona_arm + control_arm + baseline_arm:
+        if bleed:
+            bleed_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
+                                    desc=f"bleed {where}", capability=capability)
+    for records in persona_arm + control_arm + baseline_arm + bleed_arm:
         for r in records:
-            r.persona = persona.key  # the control arm answers the same persona's probes, without it
-    return ProtocolResult(persona_arm, control_arm, [], baseline_arm)
+            r.persona = persona.key  # the control and bleed arms answer the same persona's probes, without it
+    return ProtocolResult(persona_arm, control_arm, [], baseline_arm, bleed_arm)
 
 
 def _groups(result: ProtocolResult) -> list[int]:
@@ -125,8 +133,7 @@ def _mean_margin(r: TurnRecord) -> float | None:
 def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list[int],
                     suffix: str) -> dict[str, Any]:
     out = _per_turn(arm, groups, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
-    out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_base{suffix}",
-                         lambda r: r.capability["kl_to_base"] if r.capability else None, (0.0, math.inf)))
+    out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_base{suffix}", _kl_to_base, (0.0, math.inf)))
     out.update(_per_turn(arm, groups, probe_turns, f"capability/perplexity{suffix}",
                          lambda r: math.exp(r.capability["nll"]) if r.capability else None, (1.0, math.inf)))
     for key in ("persona", "coherence"):
@@ -135,26 +142,44 @@ def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns:
     return out
 
 
-def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str, Any]:
-    """Mechanism minus baseline, paired by conversation (the same turns in both arms): per turn the mean
-    difference and its interval over conversations' paired differences (the cluster bootstrap of every metric:
-    personas, then conversations within them, are resampled with each conversation's difference kept whole)."""
-    values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.persona_arm)}
-    values["likelihood_margin"] = _mean_margin
+def _kl_to_base(r: TurnRecord) -> float | None:
+    return r.capability["kl_to_base"] if r.capability else None
+
+
+def _paired(arm: list[list[TurnRecord]], other: list[list[TurnRecord]], groups: list[int], probe_turns: list[int],
+            values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`arm` minus `other`, paired by conversation (the same turns in both arms): per turn the mean difference
+    and its interval over conversations' paired differences (the cluster bootstrap of every metric: personas,
+    then conversations within them, are resampled with each conversation's difference kept whole)."""
     out = {}
     for name, value in values.items():
         bounds = (-1.0, 1.0) if name.startswith("adherence/") else None  # a difference of two proportions
         metric, seen = PerTurnMean(probe_turns, bounds=bounds, **LOCAL), False
-        for c, (mech, base, g) in enumerate(zip(result.persona_arm, result.baseline_arm, _groups(result))):
-            base_at = {r.turn: value(r) for r in base}
-            for r in mech:
-                a, b = value(r), base_at.get(r.turn)
+        for c, (mine, theirs, g) in enumerate(zip(arm, other, groups)):
+            theirs_at = {r.turn: value(r) for r in theirs}
+            for r in mine:
+                a, b = value(r), theirs_at.get(r.turn)
                 if r.turn in probe_turns and a is not None and b is not None:
                     metric.update(c, r.turn, a - b, group=g)
                     seen = True
         if seen:
-            out[f"vs_baseline/{name}"] = metric.compute()
+            out[f"{prefix}/{name}"] = metric.compute()
     return out
+
+
+def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str, Any]:
+    """Mechanism minus baseline, paired by conversation (see _paired)."""
+    values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.persona_arm)}
+    values["likelihood_margin"] = _mean_margin
+    return _paired(result.persona_arm, result.baseline_arm, _groups(result), probe_turns, values, "vs_baseline")
+
+
+def _bleed_versus_control(result: ProtocolResult, probe_turns: list[int]) -> dict[str, Any]:
+    """Bleed minus control (no persona in either; the mechanism on, then off), paired by conversation (see
+    _paired): adherence by kind (a persona the mechanism invents) and capability KL to base (its cost)."""
+    values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.bleed_arm)}
+    values["capability/kl_to_base"] = _kl_to_base
+    return _paired(result.bleed_arm, result.control_arm, _groups(result), probe_turns, values, "bleed_vs_control")
 
 
 def _projection(arm: list[list[TurnRecord]], control: list[list[TurnRecord]], groups: list[int],
@@ -185,13 +210,15 @@ def _projection(arm: list[list[TurnRecord]], control: list[list[TurnRecord]], gr
 def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None = None,
               axis: Direction | None = None) -> dict[str, Any]:
     """Every metric per probe turn for each arm present (suffixes: none for the mechanism, `_baseline`,
-    `_control`), and `vs_baseline/...`: mechanism minus baseline, paired by conversation. `axis`: project on
+    `_control`, `_bleed`), `vs_baseline/...`: mechanism minus baseline, and `bleed_vs_control/...`: bleed minus
+    control (adherence by kind, capability/kl_to_base), each paired by conversation. `axis`: project on
     a saved direction (checked against the model: steering.directions.projection_axis) instead.
     Beside them, from the persona arm: `history_tokens` (mean tokens in the history after each turn) and
     `seconds_per_turn` (mean wall-clock seconds the turn's answer took for its conversation batch, probes
     excluded; turn 0 has none), both keyed by the turn as a string."""
     groups, metrics = _groups(result), {}
-    arms = {"": result.persona_arm, "_baseline": result.baseline_arm, "_control": result.control_arm}
+    arms = {"": result.persona_arm, "_baseline": result.baseline_arm, "_control": result.control_arm,
+            "_bleed": result.bleed_arm}
     for suffix, arm in arms.items():
         if arm:
             metrics.update(_adherence(arm, groups, probe_turns, suffix))
@@ -205,6 +232,8 @@ def summarize(result: ProtocolResult, probe_turns: list[int], layer: int | None 
                                        f"projection{suffix}", axis))
     if result.baseline_arm:
         metrics.update(_versus_baseline(result, probe_turns))
+    if result.bleed_arm and result.control_arm:
+        metrics.update(_bleed_versus_control(result, probe_turns))
     tokens: dict[str, list[int]] = {}
     seconds: dict[str, list[float]] = {}
     for records in result.persona_arm:

@@ -150,7 +150,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     by_persona = {}
     for persona in personas:
         by_persona[persona.key] = run_protocol(runner, persona, streams, probe_turns, control=bool(cfg.control),
-                                               baseline=bool(cfg.baseline), capability=capability,
+                                               baseline=bool(cfg.baseline), bleed=bool(cfg.get("bleed", False)),
+                                               capability=capability,
                                                capability_tokens=int(cfg.capability_tokens),
                                                batch=int(cfg.conversation_batch), progress=main)
     if shards is not None:  # every rank's conversations, in their original order, on rank 0
@@ -162,14 +163,14 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     for persona in personas:
         if judge is not None:
             result = by_persona[persona.key]
-            for arm in (result.persona_arm, result.baseline_arm, result.control_arm):
+            for arm in (result.persona_arm, result.baseline_arm, result.control_arm, result.bleed_arm):
                 judge_arm(judge, persona.system_prompt, arm)
     protocol = merge(list(by_persona.values()))
     last_turn = {key: {arm: [records[-1].turn for records in getattr(r, f"{arm}_arm")]
-                       for arm in ("persona", "baseline", "control") if getattr(r, f"{arm}_arm")}
+                       for arm in ("persona", "baseline", "control", "bleed") if getattr(r, f"{arm}_arm")}
                  for key, r in by_persona.items()}  # < turns where the context limit stopped a conversation
     stopped = sorted({records[-1].stopped for r in by_persona.values() for arm in (r.persona_arm, r.baseline_arm,
-                      r.control_arm) for records in arm if records[-1].stopped})
+                      r.control_arm, r.bleed_arm) for records in arm if records[-1].stopped})
     if stopped:
         print(f"persona_lit: conversations stopped at the context limit ({stopped[0]}); results.json "
               f"run.last_turn says where each stopped")
@@ -188,7 +189,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
         results["by_persona"] = {k: summarize(r, probe_turns, cfg.projection_layer, axis)["metrics"]
                                  for k, r in by_persona.items()}
     with staged_dir(out_dir) as tmp:  # written to a temporary sibling, renamed at the end
-        write_report(tmp, results, protocol.persona_arm, protocol.control_arm, protocol.baseline_arm)
+        write_report(tmp, results, protocol.persona_arm, protocol.control_arm, protocol.baseline_arm,
+                     protocol.bleed_arm)
     log_results(cfg, results, out_dir, "+".join(by_persona))
     print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir

@@ -32,7 +32,7 @@ PLOTS = {"adherence": ("adherence/", "probe adherence"), "margin": ("likelihood_
          "kl_to_base": ("capability/kl_to_base", "KL(model || base, no persona), nats/token"),
          "perplexity": ("capability/perplexity", "perplexity of reference answers"),
          "judge": ("judge/", "LLM judge score (0-100)")}
-ARM_STYLE = {"_control": "--", "_baseline": ":"}  # the mechanism's own arm: solid
+ARM_STYLE = {"_control": "--", "_baseline": ":", "_bleed": "-."}  # the mechanism's own arm: solid
 
 
 def line_style(name: str) -> str:
@@ -58,7 +58,7 @@ def draw(ax, m: dict[str, Any], label: str, style: str, alpha: float = 0.15) -> 
 
 def plot_metrics(out_dir: Path, metrics: dict[str, dict[str, Any]], title: str) -> list[str]:
     """One PNG per metric family: mechanism solid, baseline (persona as system prompt) dotted, control arm
-    dashed, 95% intervals shaded where there are any."""
+    dashed, bleed arm (no persona, mechanism on) dash-dotted, 95% intervals shaded where there are any."""
     written = []
     for stem, (prefix, ylabel) in PLOTS.items():
         names = [n for n in metrics if n.startswith(prefix)]
@@ -121,6 +121,30 @@ def versus_baseline(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def bleed_versus_control(results: dict[str, Any]) -> list[str]:
+    """With a bleed arm: does the mechanism, given no persona, invent one (adherence above the control arm's)
+    or cost capability (KL to base above the control arm's)?"""
+    run, metrics = results["run"], results["metrics"]
+    names = [n[len("bleed_vs_control/"):] for n in metrics if n.startswith("bleed_vs_control/")]
+    if not names:
+        return []
+    lines = [f"## Does {run['mechanism']} act without a persona? (bleed arm)", "",
+             "Bleed arm (no persona, mechanism on) and control arm (no persona, mechanism off) on the same turns, "
+             "answering the persona's probes; the difference is paired by conversation. Higher/lower: its 95% "
+             "interval excludes 0 (adherence higher: a persona the mechanism invents; KL higher: its capability "
+             "cost without a persona).", "",
+             "| metric | turn | bleed | 95% CI | control | 95% CI | difference | 95% CI | n | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        bleed, control, diff = metrics[f"{name}_bleed"], metrics[f"{name}_control"], metrics[f"bleed_vs_control/{name}"]
+        for i, turn in enumerate(diff["turn"]):
+            verdict = _verdict(diff, i).replace("better", "higher").replace("worse", "lower")
+            lines.append(f"| {name} | {turn} | {bleed['mean'][i]:.3f} | {interval_cell(bleed, i)} "
+                         f"| {control['mean'][i]:.3f} | {interval_cell(control, i)} | {diff['mean'][i]:+.3f} "
+                         f"| {interval_cell(diff, i)} | {_units(diff, i)} | {verdict} |")
+    return lines + [""]
+
+
 EXPLAIN = ("Turn 0 is the persona alone: drift is relative to it. Intervals are over independent units, never "
            "over probes: each conversation gives one value per turn (for adherence, the fraction of its probes "
            "passed), and the 95% interval is a seeded percentile bootstrap (2000 resamples) of the mean over "
@@ -133,8 +157,10 @@ EXPLAIN = ("Turn 0 is the persona alone: drift is relative to it. Intervals are 
            "s/turn (wall-clock seconds of the turn's answers for one conversation batch, probes excluded) are "
            "means over the mechanism's conversations. Arms: the mechanism; the baseline (the same "
            "persona as system prompt, mechanism disabled: `none`); the control (no persona, base model), which "
-           "shows what history alone does. Capability: KL to the base model with no persona and no history, and "
-           "perplexity, on neutral MT-bench reference answers scored at each probe turn.")
+           "shows what history alone does; with bleed=true, the bleed arm (no persona, mechanism on), which shows "
+           "whether the mechanism invents a persona or costs capability where none was given. Capability: KL to "
+           "the base model with no persona and no history, and perplexity, on neutral MT-bench reference answers "
+           "scored at each probe turn.")
 
 
 def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
@@ -143,8 +169,10 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
              f"Persona: **{run['persona']}**. Checkpoint: `{run['ckpt']}`. {run['conversations']} conversation(s) "
              f"of {run['turns']} MT-bench turns, {'sampled' if run['do_sample'] else 'greedy'} decoding. "
              "Baseline arm: the same persona as system prompt, mechanism disabled. Control arm: the same turns, "
-             "no persona, base model.", ""]
+             "no persona, base model." + (" Bleed arm: the same turns, no persona, mechanism on."
+                                          if any(n.endswith("_bleed") for n in results["metrics"]) else ""), ""]
     lines += versus_baseline(results)
+    lines += bleed_versus_control(results)
     for name, m in results["metrics"].items():
         lines += [f"## {name}", "", "| turn | history tokens | s/turn | mean | 95% CI | n |",
                   "|---|---|---|---|---|---|"]
@@ -160,9 +188,10 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
 
 
 def write_report(out_dir: Path, results: dict[str, Any], persona_arm: list[list[TurnRecord]],
-                 control_arm: list[list[TurnRecord]], baseline_arm: list[list[TurnRecord]] | None = None) -> None:
+                 control_arm: list[list[TurnRecord]], baseline_arm: list[list[TurnRecord]] | None = None,
+                 bleed_arm: list[list[TurnRecord]] | None = None) -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    arms = {"persona": persona_arm, "baseline": baseline_arm or [], "control": control_arm}
+    arms = {"persona": persona_arm, "baseline": baseline_arm or [], "control": control_arm, "bleed": bleed_arm or []}
     write_transcripts(out_dir / "transcript.jsonl", {k: v for k, v in arms.items() if v})
     plots = plot_metrics(out_dir, results["metrics"], f"{results['run']['mechanism']} / {results['run']['persona']}")
     (out_dir / "report.md").write_text(markdown_report(results, plots))

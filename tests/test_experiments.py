@@ -131,7 +131,7 @@ EXPECTED = {
     "steer_history_clean_smollm2": lambda: steer_history("clean", "false") + [out("steer_history_clean_smollm2")],
     "persistence_smollm2": lambda: code_command("task=persistence model=smollm2-135m-instruct"),
     # README "Training on the pool": commands without a measured table yet
-    "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=6") + [out("pool_none_smollm2")],
+    "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=4") + [out("pool_none_smollm2")],
     "pool_repeat_smollm2": lambda: code_command("mechanism=repeat mechanism.options.every=4 personas=test_split")
     + [out("pool_repeat_smollm2")],
     "lyra_pool_smollm2": lambda: code_command("data=persona_pool") + [f"hydra.run.dir={POOL_RUN}"],
