@@ -130,7 +130,7 @@ EXPECTED = {
     "steer_history_steered_smollm2": lambda: steer_history("steered", "true") + [out("steer_history_steered_smollm2")],
     "steer_history_clean_smollm2": lambda: steer_history("clean", "false") + [out("steer_history_clean_smollm2")],
     "persistence_smollm2": lambda: code_command("task=persistence model=smollm2-135m-instruct"),
-    # README "Training on the pool": commands without a measured table yet
+    # README "Training on the pool": its commands and measured table
     "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=4") + [out("pool_none_smollm2")],
     "pool_repeat_smollm2": lambda: code_command("mechanism=repeat mechanism.options.every=4 personas=test_split")
     + [out("pool_repeat_smollm2")],
@@ -159,11 +159,13 @@ TABLES = {
     "| arm | name recall, turn 4 | likelihood margin |": [],  # weight vs activation steering: its commands only
     "| checkpoint | coefficient on ΔW |": [],  # weight projection: its commands only
     "| mechanism | forward | train step |": [],  # bench/overhead.py: a benchmark, not a config
+    "| turn (history tokens) | 1 (334) | 4 (626) | 8 (1,172) | 12 (1,630) |":
+        ["lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
 # Bundles for README commands that have no measured table yet.
-UNMEASURED = ["pool_none_smollm2", "lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2", "repeat_smollm2",
+UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2"]
 
 
