@@ -136,8 +136,10 @@ EXPECTED = {
     + [out("pool_repeat_smollm2")],
     "lyra_pool_smollm2": lambda: code_command("data=persona_pool") + [f"hydra.run.dir={POOL_RUN}"],
     "lyra_pool_smollm2_eval": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
-                                       for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split")]
+                                       for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split pool.max_personas=4")]
     + [out("lyra_pool_smollm2")],
+    "lyra_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
+                                        for a in code_command("bleed=true")] + [out("lyra_pool_smollm2_bleed")],
     # the training-free baselines through the drift table's protocol (no measured row yet)
     **{f"{m}_smollm2": (lambda m=m: drift_table(f"mechanism={m}", "control=false", "baseline=false",
                                                 out(f"{m}_smollm2")))
@@ -160,7 +162,7 @@ TABLES = {
     "| checkpoint | coefficient on ΔW |": [],  # weight projection: its commands only
     "| mechanism | forward | train step |": [],  # bench/overhead.py: a benchmark, not a config
     "| turn (history tokens) | 1 (334) | 4 (626) | 8 (1,172) | 12 (1,630) |":
-        ["lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2"],
+        ["lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2", "lyra_pool_smollm2_bleed"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
