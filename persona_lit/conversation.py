@@ -27,7 +27,7 @@ from persona_lit.backbones import input_device
 from persona_lit.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.personas import Persona, Probe
-from persona_lit.probing import Probing, ProbeResult
+from persona_lit.probing import Probing, ProbeResult, per_row_probes
 
 
 _NO_CACHE = ("none",)
@@ -66,6 +66,15 @@ def roll_back(cache: Any, point: list[tuple] | tuple) -> Any:
     return cache
 
 
+def per_row(value: Any, rows: int) -> list:
+    """`value` for every one of `rows` rows, or already one per row (a list or tuple of `rows` entries)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != rows:
+            raise ValueError(f"{len(value)} values for {rows} rows")
+        return list(value)
+    return [value] * rows
+
+
 @dataclass
 class TurnRecord:
     turn: int
@@ -83,9 +92,10 @@ class TurnRecord:
 
 
 class Conversation:
-    """`rows` conversations sharing one system prompt, as token slots [rows, S] and a real-token mask."""
+    """`rows` conversations, as token slots [rows, S] and a real-token mask. `system_prompt`: one for every row, or
+    a list with one per row (several personas in one batch)."""
 
-    def __init__(self, system_prompt: str | None, rows: int = 1):
+    def __init__(self, system_prompt: str | None | Sequence[str | None], rows: int = 1):
         self.system_prompt = system_prompt
         self.tokens = torch.zeros(rows, 0, dtype=torch.long)
         self.mask = torch.zeros(rows, 0, dtype=torch.bool)
@@ -95,6 +105,11 @@ class Conversation:
     @property
     def rows(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def system_prompts(self) -> list[str | None]:
+        """Each row's system prompt."""
+        return per_row(self.system_prompt, self.rows)
 
     def row_ids(self, row: int) -> list[int]:
         return self.tokens[row][self.mask[row]].tolist()
@@ -117,7 +132,10 @@ class Conversation:
 
     def select(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "Conversation":
         """Rows `index` (repeats allowed) as a new conversation with its own copy of the cache."""
-        other = Conversation(self.system_prompt, 0)
+        system = self.system_prompt
+        if isinstance(system, (list, tuple)):
+            system = [system[i] for i in index.tolist()]
+        other = Conversation(system, 0)
         other.tokens, other.mask, other.open_turn = self.tokens[index], self.mask[index], self.open_turn
         if self.cache is not None:
             other.cache = copy.deepcopy(self.cache)
@@ -166,16 +184,28 @@ class ConversationRunner(Probing):
         conv.append(rows, self.chat.pad_id)
         self.forward_new(conv, logits_to_keep=1)
 
-    def start(self, persona: Persona | None, rows: int = 1) -> Conversation:
-        """`rows` new conversations holding the persona segment (run through the model once)."""
-        system = persona.system_prompt if persona else None
+    def start(self, persona: Persona | None | Sequence[Persona | None], rows: int = 1) -> Conversation:
+        """`rows` new conversations holding the persona segment (run through the model once); `persona`: one for
+        every row, or a list with one per row (the mechanism is told so: Mechanism.begin_conversation)."""
         if self.mechanism is not None:
             self.mechanism.begin_conversation(persona)
+        system = [p.system_prompt if p else None for p in persona] if isinstance(persona, (list, tuple)) else (
+            persona.system_prompt if persona else None)
         conv = Conversation(system, rows)
-        conv.open_turn = self.chat.opens_user_turn(system)
-        with self._history_context():
-            self.extend(conv, self.chat.persona_ids(system))
+        self._open(conv)
         return conv
+
+    def _open(self, conv: Conversation) -> None:
+        """Feeds each row's persona segment (the first tokens of a conversation)."""
+        systems = conv.system_prompts
+        opens = {self.chat.opens_user_turn(s) for s in systems}
+        if len(opens) > 1:
+            raise ValueError("rows with and without a system prompt cannot share a batch on this chat format")
+        ids = self.chat.persona_ids(systems[0]) if len(set(systems)) == 1 else [
+            self.chat.persona_ids(s) for s in systems]
+        with self._history_context():
+            self.extend(conv, ids)
+        conv.open_turn = opens.pop()
 
     def _clean(self) -> bool:
         return self.mechanism is not None and self.mechanism.clean_history
@@ -195,18 +225,16 @@ class ConversationRunner(Probing):
 
     @torch.no_grad()
     def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None,
-            reminder: str | None = None) -> list[str]:
+            reminder: str | None | Sequence[str | None] = None) -> list[str]:
         """Appends one user turn per row (one text for all, or one each) and the model's answers; `reminder`: a
-        system prompt re-inserted before the turn (see user_turn_ids)."""
+        system prompt re-inserted before the turn (see user_turn_ids), one for all rows or one each."""
         if conv.tokens.shape[1] == 0:
-            with self._history_context():
-                self.extend(conv, self.chat.persona_ids(conv.system_prompt))
-            conv.open_turn = self.chat.opens_user_turn(conv.system_prompt)
+            self._open(conv)
         if self.mechanism is not None:
             self.mechanism.begin_turn()
         mark = rollback_point(conv.cache) if self._clean() else None
-        texts = [user_text] * conv.rows if isinstance(user_text, str) else list(user_text)
-        conv.append([self.user_turn_ids(t, conv.open_turn, reminder) for t in texts], self.chat.pad_id)
+        texts, reminders = per_row(user_text, conv.rows), per_row(reminder, conv.rows)
+        conv.append([self.user_turn_ids(t, conv.open_turn, r) for t, r in zip(texts, reminders)], self.chat.pad_id)
         conv.open_turn = False
         answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
         # Close the answers and cache them now, so the next turn starts from a fully cached history.
@@ -270,38 +298,46 @@ class ConversationRunner(Probing):
         limit = getattr(config, "max_position_embeddings", None)
         return int(limit) if limit else None
 
-    def tokens_needed(self, conv: Conversation, texts: Sequence[str], reminder: str | None,
+    def tokens_needed(self, conv: Conversation, texts: Sequence[str], reminder: str | None | Sequence[str | None],
                       probes: Sequence[Probe] = (), capability: Sequence[tuple[str, str]] = ()) -> int:
         """The most positions any row can reach if the next turn runs (its prompt, max_new_tokens, the closing)
         and then, on a fork, its probes and capability exchanges. Positions count real tokens (padding is not
         counted), so this is the longest row's real tokens plus the worst case of what comes."""
         history = max((len(conv.row_ids(b)) for b in range(conv.rows)), default=0)
-        turn = max(len(self.user_turn_ids(t, conv.open_turn, reminder)) for t in texts)
+        turn = max(len(self.user_turn_ids(t, conv.open_turn, r)) for t, r in zip(texts, per_row(reminder, len(texts))))
         close = len(self.chat.close_assistant())
         fork = [len(self.chat.user_turn_ids(p.question)) + close + max(self.probe_max_new_tokens, *(
             len(self.chat._ids(a)) + 1 for a in (p.persona_answer, p.assistant_answer))) for p in probes]
         fork += [len(self.chat.user_turn_ids(q)) + getattr(self, "capability_tokens", 0) for q, _ in capability]
         return history + turn + self.max_new_tokens + close + max(fork, default=0)
 
-    def run(self, persona: Persona | None, streams: Sequence[Iterable[Any]], probe_turns: Sequence[int],
-            probes: Sequence[Probe] | None = None, progress: bool = True, desc: str = "conversations",
+    def run(self, persona: Persona | None | Sequence[Persona | None], streams: Sequence[Iterable[Any]],
+            probe_turns: Sequence[int], probes: Sequence[Probe] | Sequence[Sequence[Probe]] | None = None,
+            progress: bool = True, desc: str = "conversations",
             capability: Sequence[tuple[str, str]] = ()) -> list[list[TurnRecord]]:
         """All `streams` (equally long) as one batch. Turn 0 is the persona alone (probes only); user turn k
         is turn k. A stream yields objects with `.text` and `.category` (MT-bench UserTurns) or strings.
-        `probes` defaults to the persona's; pass them with persona=None for the control arm. `capability`:
-        (question, reference answer) pairs scored at probe turns against the base model (probing.py).
+        `persona`: one for every stream, or a list with one per stream (several personas in one batch).
+        `probes` defaults to each row's persona's; pass them (for all rows, or a list per row) with persona=None
+        for the control arm. `capability`: (question, reference answer) pairs scored at probe turns against the
+        base model (probing.py).
 
         The context limit (context_limit()): a turn that could take any row past it is not run; the batch stops
         after its last turn that fits, with a warning, and its last records say so in `stopped` (never wraps)."""
         streams = [list(s) for s in streams]
+        personas = per_row(persona, len(streams))
+        if isinstance(persona, (list, tuple)) and all(p is personas[0] for p in personas):
+            persona = personas[0]  # one persona for the whole batch: the mechanism sees it as before
         conv = self.start(persona, rows=len(streams))
-        probes = list(probes if probes is not None else (persona.probes if persona else []))
+        row_probes = [list(p.probes) if p else [] for p in personas] if probes is None else per_row_probes(
+            probes, conv.rows)
+        probes = [p for ps in row_probes for p in ps]  # every row's, for the context-limit check
         records = [[TurnRecord(0, "", "", "", len(conv.row_ids(b)))] for b in range(conv.rows)]
 
         def measure(turn: int) -> None:
             if turn not in probe_turns:
                 return
-            for b, (results, state) in enumerate(self.probe(conv, probes, turn)):
+            for b, (results, state) in enumerate(self.probe(conv, row_probes, turn)):
                 records[b][-1].probes, records[b][-1].reply_state = results, state
             if capability:
                 for b, cost in enumerate(self.capability_cost(conv, capability)):

@@ -49,8 +49,20 @@ def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence
                  probe_turns: Sequence[int], control: bool = True, progress: bool = True,
                  capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
                  batch: int = 8, baseline: bool = True, bleed: bool = False) -> ProtocolResult:
-    """Conversations run `batch` at a time (one padded batch); `capability`: (question, reference answer)
-    pairs for the capability cost (probing.py), scored at every probe turn in every arm.
+    """One persona's protocol: run_personas with that persona alone."""
+    return run_personas(runner, [persona], streams, probe_turns, control=control, progress=progress,
+                        capability=capability, capability_tokens=capability_tokens, batch=batch, baseline=baseline,
+                        bleed=bleed)[0]
+
+
+def run_personas(runner: ConversationRunner, personas: Sequence[Persona], streams: Sequence[Sequence[Any]],
+                 probe_turns: Sequence[int], control: bool = True, progress: bool = True,
+                 capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
+                 batch: int = 8, baseline: bool = True, bleed: bool = False) -> list[ProtocolResult]:
+    """Every persona on every stream: one ProtocolResult per persona, its conversations in stream order.
+    The (persona, stream) conversations run `batch` at a time (one padded batch, personas mixed: a row is the
+    conversation it would be alone); `capability`: (question, reference answer) pairs for the capability cost
+    (probing.py), scored at every probe turn in every arm.
 
     Arms on the same turns: persona (the mechanism), control (no persona, mechanism disabled) and, with
     a mechanism other than `none`: with `baseline`, baseline (the persona as system prompt, mechanism disabled:
@@ -61,26 +73,32 @@ def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence
         runner.prepare_references(capability, capability_tokens)
     baseline = baseline and runner.mechanism.name != "none"  # there the persona arm is the baseline
     bleed = bleed and runner.mechanism.name != "none"  # there it is the control arm
-    persona_arm, control_arm, baseline_arm, bleed_arm = [], [], [], []
-    for k in range(0, len(streams), batch):
-        group = streams[k : k + batch]
-        where = f"{k + 1}-{k + len(group)}/{len(streams)}"
-        persona_arm += runner.run(persona, group, probe_turns, progress=progress, desc=f"conversations {where}",
-                                  capability=capability)
+    units = [(p, s) for p in personas for s in streams]
+    arms: dict[str, list[list[TurnRecord]]] = {"persona": [], "control": [], "baseline": [], "bleed": []}
+    for k in range(0, len(units), batch):
+        who, group = [p for p, _ in units[k : k + batch]], [s for _, s in units[k : k + batch]]
+        nobody, probes = [None] * len(who), [p.probes for p in who]
+        where = f"{k + 1}-{k + len(group)}/{len(units)}"
+        arms["persona"] += runner.run(who, group, probe_turns, progress=progress, desc=f"conversations {where}",
+                                      capability=capability)
         with runner.mechanism.disabled():
             if baseline:
-                baseline_arm += runner.run(persona, group, probe_turns, progress=progress, desc=f"baseline {where}",
-                                           capability=capability)
+                arms["baseline"] += runner.run(who, group, probe_turns, progress=progress, desc=f"baseline {where}",
+                                               capability=capability)
             if control:
-                control_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
-                                          desc=f"control {where}", capability=capability)
+                arms["control"] += runner.run(nobody, group, probe_turns, probes=probes, progress=progress,
+                                              desc=f"control {where}", capability=capability)
         if bleed:
-            bleed_arm += runner.run(None, group, probe_turns, probes=persona.probes, progress=progress,
-                                    desc=f"bleed {where}", capability=capability)
-    for records in persona_arm + control_arm + baseline_arm + bleed_arm:
-        for r in records:
-            r.persona = persona.key  # the control and bleed arms answer the same persona's probes, without it
-    return ProtocolResult(persona_arm, control_arm, [], baseline_arm, bleed_arm)
+            arms["bleed"] += runner.run(nobody, group, probe_turns, probes=probes, progress=progress,
+                                        desc=f"bleed {where}", capability=capability)
+    out, n = [], len(streams)
+    for i, persona in enumerate(personas):
+        mine = {arm: records[i * n : (i + 1) * n] for arm, records in arms.items()}
+        for records in (r for arm in mine.values() for r in arm):
+            for r in records:
+                r.persona = persona.key  # the control and bleed arms answer the same persona's probes, without it
+        out.append(ProtocolResult(mine["persona"], mine["control"], [], mine["baseline"], mine["bleed"]))
+    return out
 
 
 def _groups(result: ProtocolResult) -> list[int]:

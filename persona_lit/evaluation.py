@@ -13,7 +13,7 @@ from persona_lit.backbones import decoder_layers, load_backbone
 from persona_lit.build import (attach_mechanism, place, plain, require_writable, resolve_device, resolve_persona,
                                resolve_precision, restore)
 from persona_lit.conversation import ConversationRunner
-from persona_lit.drift import merge, run_protocol, summarize
+from persona_lit.drift import merge, run_personas, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges
 from persona_lit.errors import UserError
 from persona_lit.evaluation_dist import launch, resolve_placement
@@ -147,13 +147,11 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     capability, probe_turns, precision, config, axis = (setup.capability, setup.probe_turns, setup.precision,
                                                         setup.config, setup.axis)
     streams = shards.share(turns.streams) if shards else turns.streams
-    by_persona = {}
-    for persona in personas:
-        by_persona[persona.key] = run_protocol(runner, persona, streams, probe_turns, control=bool(cfg.control),
-                                               baseline=bool(cfg.baseline), bleed=bool(cfg.get("bleed", False)),
-                                               capability=capability,
-                                               capability_tokens=int(cfg.capability_tokens),
-                                               batch=int(cfg.conversation_batch), progress=main)
+    results = run_personas(runner, personas, streams, probe_turns, control=bool(cfg.control),
+                           baseline=bool(cfg.baseline), bleed=bool(cfg.get("bleed", False)), capability=capability,
+                           capability_tokens=int(cfg.capability_tokens), batch=int(cfg.conversation_batch),
+                           progress=main)  # conversations of several personas share a batch
+    by_persona = {persona.key: result for persona, result in zip(personas, results)}
     if shards is not None:  # every rank's conversations, in their original order, on rank 0
         gathered = shards.gather(list(by_persona.values()), len(turns.streams))
         shards.close()  # done with the other ranks: nothing below (torchmetrics' compute) may sync with them

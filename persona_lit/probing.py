@@ -47,6 +47,15 @@ class Scored:
     logprobs: torch.Tensor | None = None  # (answer tokens, vocab), if asked for
 
 
+def per_row_probes(probes: Sequence[Probe] | Sequence[Sequence[Probe]], rows: int) -> list[list[Probe]]:
+    """Probes for every row (a flat sequence), or already one list per row."""
+    if any(isinstance(p, (list, tuple)) for p in probes):
+        if len(probes) != rows:
+            raise ValueError(f"probe lists for {len(probes)} rows, the conversation has {rows}")
+        return [list(p) for p in probes]
+    return [list(probes)] * rows
+
+
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -86,11 +95,13 @@ class Probing:
             scored.append(Scored(float(token_logp.mean()), state, logp.cpu() if chunk[i].keep_logprobs else None))
         return scored
 
-    def probe(self, conv, probes: Sequence[Probe], turn: int) -> list[tuple[list[ProbeResult], torch.Tensor | None]]:
-        """Per conversation: every probe answered (generated) and scored, and the mean reply-start state."""
-        if not probes:
+    def probe(self, conv, probes: Sequence[Probe] | Sequence[Sequence[Probe]],
+              turn: int) -> list[tuple[list[ProbeResult], torch.Tensor | None]]:
+        """Per conversation: every probe (the same for every row, or a list per row) answered (generated) and
+        scored, and the mean reply-start state (None for a row without probes)."""
+        pairs = [(b, p) for b, row in enumerate(per_row_probes(probes, conv.rows)) for p in row]
+        if not pairs:
             return [([], None) for _ in range(conv.rows)]
-        pairs = [(b, p) for b in range(conv.rows) for p in probes]
         answers: list[str] = []
         for chunk in _chunks(pairs, self.probe_batch):
             answers += self.on_fork(conv, [b for b, _ in chunk], self.say, [p.question for _, p in chunk],
@@ -110,7 +121,7 @@ class Probing:
                     margin = persona_scores[k].mean_logp - assistant_scores[k].mean_logp
                 results.append(ProbeResult(turn, p.question, p.kind, answers[k], bool(p.check(answers[k])), margin))
                 states.append(persona_scores[k].state)
-            out.append((results, torch.stack(states).mean(0)))
+            out.append((results, torch.stack(states).mean(0) if states else None))
         return out
 
     def prepare_references(self, exchanges: Sequence[tuple[str, str]], max_tokens: int) -> None:

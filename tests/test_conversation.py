@@ -65,7 +65,9 @@ def mechanism_for(bb, kind):
     if kind == "none":
         return bb.model, NoMechanism()
     kind, _, layers = kind.partition(":")  # lyra:0,2 = Lyra on layers 0 and 2
-    options = {"layers": [int(i) for i in layers.split(",")]} if kind == "lyra" else {"memory_tokens": 24}
+    options = {"lyra": {"layers": [int(i) for i in layers.split(",")] if layers else None},
+               "triplet": {"memory_tokens": 24}, "repeat": {"every": 2},
+               "split_softmax": {"exponent": 0.5, "layers": [1, 3]}, "instaboost": {"bias": 2.0}}[kind]
     model, mech = attach_mechanism(bb, OmegaConf.create({"name": kind, "options": options}))
     if kind == "triplet":
         perturb(model, gate=2.0)  # the branch on, so its memory matters
@@ -128,3 +130,46 @@ def test_capability_cost_is_zero_for_the_base_model_without_history_and_grows_wi
     assert control_kl[0] == pytest.approx(0.0, abs=1e-6)  # the base model, no persona, no history: the reference
     assert persona_kl[0] > 1e-3 and control_kl[1] > 1e-3  # a persona, or history, moves the distribution
     assert all(p > 1 for p in metrics["capability/perplexity"]["mean"])
+
+
+@pytest.mark.parametrize("name,kind", [("tiny-llama", "none"), ("tiny-llama", "lyra:0,2"), ("tiny-llama", "triplet"),
+                                       ("tiny-llama", "repeat"), ("tiny-llama", "split_softmax"),
+                                       ("tiny-llama", "instaboost"), ("tiny-gemma3", "lyra")])
+def test_personas_mixed_in_one_batch_equal_each_persona_alone(backbone_factory, name, kind):
+    """run_personas batches conversations of different personas together (system prompts and probes of
+    different lengths; a batch holds the end of one persona and the start of the next): every arm's answers,
+    verdicts, margins and capability equal each persona's protocol run alone, one conversation at a time."""
+    import dataclasses
+
+    from persona_lit.drift import run_personas, run_protocol
+
+    bb = backbone_factory(name, **({"tiny.sliding_window": 4096} if name == "tiny-gemma3" else {}))
+    model, mech = mechanism_for(bb, kind)
+    personas = [dataclasses.replace(p, probes=p.probes[:n]) for p, n in
+                zip(map(load_persona, ["joyful_writer", "stoic", "botanist"]), [2, 1, 3])]
+    personas = personas[:2] if name == "tiny-gemma3" else personas  # its 262k-token vocabulary is slow on a CPU
+    exchanges = [("What is 2 + 2?", "2 + 2 = 4.")]
+    streams = STREAMS[:2]
+
+    def runner(probe_batch):
+        return EarlyEndRunner(model, bb.chat, mech, max_new_tokens=8, probe_max_new_tokens=5, probe_batch=probe_batch)
+
+    common = dict(probe_turns=[0, 2, 3], progress=False, capability=exchanges, capability_tokens=6, bleed=True)
+    mixed = run_personas(runner(3), personas, streams, batch=3, **common)  # a batch straddles two personas
+    assert len(mixed) == len(personas)
+    for persona, together in zip(personas, mixed):
+        alone = run_protocol(runner(1), persona, streams, batch=1, **common)
+        for arm in ("persona_arm", "baseline_arm", "control_arm", "bleed_arm"):
+            a_arm, b_arm = getattr(together, arm), getattr(alone, arm)
+            assert len(a_arm) == len(b_arm) == (0 if kind == "none" and arm in ("baseline_arm", "bleed_arm") else 2)
+            for rows, single in zip(a_arm, b_arm):
+                assert [r.answer for r in rows] == [r.answer for r in single], (persona.key, arm)
+                assert [r.history_tokens for r in rows] == [r.history_tokens for r in single]
+                assert {r.persona for r in rows} == {persona.key}
+                for a, b in zip(rows, single):
+                    assert [(p.question, p.answer, p.passed) for p in a.probes] == \
+                        [(p.question, p.answer, p.passed) for p in b.probes]
+                    assert [p.margin for p in a.probes] == pytest.approx([p.margin for p in b.probes], abs=1e-4)
+                    if b.capability is not None:
+                        assert a.capability == pytest.approx(b.capability, abs=1e-4)
+                        assert torch.allclose(a.reply_state, b.reply_state, atol=1e-4)

@@ -7,7 +7,7 @@ originals as base layers, never copies modeling code. Its own parameters carry o
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, Sequence
 
 from torch import nn
 
@@ -44,15 +44,17 @@ class Mechanism:
         finally:
             self._disabled = before
 
-    def begin_conversation(self, persona: Persona | None) -> None:
-        """Called before the first turn of a conversation (e.g. build a persona cache)."""
+    def begin_conversation(self, persona: Persona | None | Sequence[Persona | None]) -> None:
+        """Called before the first turn of a conversation (e.g. build a persona cache). `persona`: the batch's
+        persona, or a list with one per row when its rows hold different personas."""
 
     def begin_turn(self) -> None:
         """Called before each new user turn (e.g. drop the last turn's segment)."""
 
-    def turn_prefix(self, turn: int) -> str | None:
+    def turn_prefix(self, turn: int) -> str | None | list[str | None]:
         """A system prompt for the runner to re-insert into the history before user turn `turn` (1, 2, ...), or
-        None (mechanism=repeat; conversation.py says where it goes). Probes never get one."""
+        None (mechanism=repeat; conversation.py says where it goes); a list, one per row, where rows hold
+        different personas. Probes never get one."""
         return None
 
     def begin_answer(self) -> None:

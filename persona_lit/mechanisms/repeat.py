@@ -29,7 +29,7 @@ class RepeatMechanism(Mechanism):
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise UserError(f"mechanism.options.every={every!r}: need an integer >= 0 (0: never re-insert)")
         self.every = every
-        self.system_prompt: str | None = None
+        self.system_prompt: str | None | list[str | None] = None  # one per row where rows differ
 
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
@@ -42,9 +42,10 @@ class RepeatMechanism(Mechanism):
         return self.switched_off()
 
     def begin_conversation(self, persona=None) -> None:
-        self.system_prompt = persona.system_prompt if persona is not None else None
+        prompt = lambda p: p.system_prompt if p is not None else None  # noqa: E731
+        self.system_prompt = [prompt(p) for p in persona] if isinstance(persona, (list, tuple)) else prompt(persona)
 
-    def turn_prefix(self, turn: int) -> str | None:
+    def turn_prefix(self, turn: int) -> str | None | list[str | None]:
         if self._disabled or not self.every or not self.system_prompt or turn % self.every:
             return None
-        return self.system_prompt
+        return self.system_prompt  # a list where the rows hold different personas

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from persona_lit.drift import merge, run_protocol, summarize
+from persona_lit.drift import merge, run_personas, summarize
 from persona_lit.errors import UserError
 from persona_lit.evaluation import drift_inputs, drift_placement, drift_setup
 from persona_lit.outputs import staged_dir
@@ -109,9 +109,9 @@ def run_task(cfg: DictConfig) -> Path:
     steered = [p if with_prompt else dataclasses.replace(p, system_prompt=None) for p in setup.personas]
 
     def arm(personas) -> dict[str, Any]:
-        results = [run_protocol(runner, p, turns.streams, probe_turns, control=False, baseline=False,
-                                capability=setup.capability, capability_tokens=int(cfg.capability_tokens),
-                                batch=int(cfg.conversation_batch)) for p in personas]
+        results = run_personas(runner, personas, turns.streams, probe_turns, control=False, baseline=False,
+                               capability=setup.capability, capability_tokens=int(cfg.capability_tokens),
+                               batch=int(cfg.conversation_batch))
         return summarize(merge(results), probe_turns)["metrics"]
 
     before, sweep = mech.alpha, []
