@@ -132,14 +132,21 @@ EXPECTED = {
     "persistence_smollm2": lambda: code_command("task=persistence model=smollm2-135m-instruct"),
     # README "Training on the pool": its commands and measured table
     "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=4") + [out("pool_none_smollm2")],
-    "pool_repeat_smollm2": lambda: code_command("mechanism=repeat mechanism.options.every=4 personas=test_split")
-    + [out("pool_repeat_smollm2")],
+    "pool_repeat_smollm2": lambda: code_command('turns=12 "probe_turns=[0,1,4,8,12]" conversations=2 '
+                                                "control=false") + [out("pool_repeat_smollm2")],
+    "pool_repeat_smollm2_long": lambda: code_command('turns=48 "probe_turns=[0,1,8,16,24,32,40,48]" '
+                                                     "conversations=2 control=false") + [out("pool_repeat_smollm2_long")],
     "lyra_pool_smollm2": lambda: code_command("data=persona_pool") + [f"hydra.run.dir={POOL_RUN}"],
     "lyra_pool_smollm2_eval": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
-                                       for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split pool.max_personas=4")]
+                                       for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split "
+                                                             "pool.max_personas=4 turns=12")]
     + [out("lyra_pool_smollm2")],
+    "lyra_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
+                                       for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split "
+                                                             "pool.max_personas=4 turns=48")]
+    + [out("lyra_pool_smollm2_long")],
     "lyra_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
-                                        for a in code_command("bleed=true")] + [out("lyra_pool_smollm2_bleed")],
+                                        for a in code_command("pool.max_personas=2")] + [out("lyra_pool_smollm2_bleed")],
     # the training-free baselines through the drift table's protocol (no measured row yet)
     **{f"{m}_smollm2": (lambda m=m: drift_table(f"mechanism={m}", "control=false", "baseline=false",
                                                 out(f"{m}_smollm2")))
@@ -167,7 +174,7 @@ TABLES = {
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
 # Bundles for README commands that have no measured table yet.
-UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
+UNMEASURED = ["pool_none_smollm2", "repeat_smollm2", "lyra_pool_smollm2_long", "pool_repeat_smollm2_long",
               "instaboost_smollm2", "split_softmax_smollm2"]
 
 
