@@ -186,9 +186,11 @@ def _paired(arm: list[list[TurnRecord]], other: list[list[TurnRecord]], groups: 
 
 
 def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str, Any]:
-    """Mechanism minus baseline, paired by conversation (see _paired)."""
+    """Mechanism minus baseline, paired by conversation (see _paired): adherence by kind, likelihood margin and
+    capability KL to base (the mechanism's capability cost over the plain system prompt at the same turn)."""
     values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.persona_arm)}
     values["likelihood_margin"] = _mean_margin
+    values["capability/kl_to_base"] = _kl_to_base
     return _paired(result.persona_arm, result.baseline_arm, _groups(result), probe_turns, values, "vs_baseline")
 
 

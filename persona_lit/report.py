@@ -92,10 +92,12 @@ def _units(m: dict[str, Any], i: int) -> str:
     return f"{int(m['n'][i])} {unit[:-1] if int(m['n'][i]) == 1 else unit}"
 
 
-def _verdict(m: dict[str, Any], i: int) -> str:
+def _verdict(m: dict[str, Any], i: int, lower_is_better: bool = False) -> str:
     low, high = m["ci_low"][i], m["ci_high"][i]
     if low is None or high is None:
         return "no interval"
+    if lower_is_better:  # a cost (capability KL): a difference above 0 is worse
+        low, high = -high, -low
     return "better" if low > 0 else "worse" if high < 0 else "no clear difference"
 
 
@@ -109,7 +111,8 @@ def versus_baseline(results: dict[str, Any]) -> list[str]:
     if not names:
         return lines + ["No baseline arm in this run (baseline=false): nothing to compare with.", ""]
     lines += ["Mechanism and baseline (the same persona as system prompt, mechanism disabled) on the same turns; "
-              "the difference is paired by conversation. Better/worse: its 95% interval excludes 0.", "",
+              "the difference is paired by conversation. Better/worse: its 95% interval excludes 0 (for capability KL "
+              "to base, a cost, a difference below 0 is better).", "",
               "| metric | turn | mechanism | 95% CI | baseline | 95% CI | difference | 95% CI | n | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
@@ -117,7 +120,7 @@ def versus_baseline(results: dict[str, Any]) -> list[str]:
         for i, turn in enumerate(diff["turn"]):
             lines.append(f"| {name} | {turn} | {mech['mean'][i]:.3f} | {interval_cell(mech, i)} | {base['mean'][i]:.3f} "
                          f"| {interval_cell(base, i)} | {diff['mean'][i]:+.3f} | {interval_cell(diff, i)} "
-                         f"| {_units(diff, i)} | {_verdict(diff, i)} |")
+                         f"| {_units(diff, i)} | {_verdict(diff, i, name.startswith('capability/'))} |")
     return lines + [""]
 
 

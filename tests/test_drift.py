@@ -310,3 +310,26 @@ def test_seconds_per_turn_recorded_summarized_and_reported(tmp_path):
     assert "| 0 | 0 | — |" in report
     rows = [json.loads(line) for line in (tmp_path / "transcript.jsonl").read_text().splitlines()]
     assert rows and all("seconds" not in row for row in rows)
+
+
+def test_capability_kl_above_the_baseline_is_paired_and_reported_as_worse(tmp_path):
+    """The issue's capability target reads "KL to base at most 0.03 above `none` at the same turn": the mechanism's
+    KL minus the baseline arm's, paired by conversation, with its interval; in report.md a KL difference whose
+    interval is above 0 is "worse" (a cost), below 0 "better"."""
+    from persona_lit.report import versus_baseline
+
+    def arm(kls):
+        return [[TurnRecord(0, "", "", "", 0, capability={"kl_to_base": 0.0, "nll": 1.0}),
+                 TurnRecord(2, "q", "a", "", 10, capability={"kl_to_base": v, "nll": 1.0})] for v in kls]
+
+    base = [0.10, 0.20, 0.15, 0.30]
+    for shift, verdict in ((0.05, "worse"), (-0.05, "better")):
+        mech = [b + shift + 0.01 * k for k, b in enumerate(base)]
+        result = ProtocolResult(arm(mech), [], [0, 0, 1, 1], arm(base), [])
+        metrics = summarize(result, [0, 2])["metrics"]
+        diff = metrics["vs_baseline/capability/kl_to_base"]
+        assert diff["mean"][1] == pytest.approx(shift + 0.015)
+        assert (diff["ci_low"][1] > 0) == (shift > 0) and (diff["ci_high"][1] < 0) == (shift < 0)
+        rows = [line for line in versus_baseline({"run": {"mechanism": "scripted"}, "metrics": metrics})
+                if line.startswith("| capability/kl_to_base | 2 |")]
+        assert len(rows) == 1 and rows[0].endswith(f"| {verdict} |")

@@ -134,7 +134,7 @@ EXPECTED = {
     "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=4") + [out("pool_none_smollm2")],
     "pool_repeat_smollm2": lambda: code_command('turns=12 "probe_turns=[0,1,4,8,12]" conversations=2 '
                                                 "control=false") + [out("pool_repeat_smollm2")],
-    "pool_repeat_smollm2_long": lambda: code_command('turns=48 "probe_turns=[0,1,8,16,24,32,40,48]" '
+    "pool_repeat_smollm2_long": lambda: code_command('turns=48 "probe_turns=[0,1,16,32,48]" '
                                                      "conversations=2 control=false") + [out("pool_repeat_smollm2_long")],
     "lyra_pool_smollm2": lambda: code_command("data=persona_pool") + [f"hydra.run.dir={POOL_RUN}"],
     "lyra_pool_smollm2_eval": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
