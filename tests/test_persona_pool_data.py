@@ -82,15 +82,18 @@ def test_labels_are_every_answer_and_nothing_else(built):
     assert "persona_pool conversations " in dm.describe_rows(batch["index"].tolist())
 
 
-def test_distillation_toward_the_fresh_persona_teacher_trains_lyra_on_these_batches(built):
-    """module.distill_weight on a pool batch: a finite KL whose gradient reaches Lyra's trained layers. One row,
-    the shortest (Gemma's 262k-token vocabulary makes every logit row cost; the e2e run trains on them all)."""
+@pytest.mark.parametrize("name,options", [("lyra", {"train_layers": True}), ("triplet", {}), ("lora", {})])
+def test_distillation_toward_the_fresh_persona_teacher_trains_each_mechanism_on_these_batches(built, name, options):
+    """module.distill_weight on a pool batch: a finite KL whose gradient reaches the mechanism's trainable tensors
+    (Lyra's trained layers, Triplet's branch, a persona-keeping LoRA). One row, the shortest (Gemma's 262k-token
+    vocabulary makes every logit row cost; the e2e run trains Lyra on them all)."""
     backbone, dm, _ = built
     fresh = load_backbone(model_cfg("tiny-gemma3"))  # the fixture's model stays the plain base model
-    model, mechanism = attach_mechanism(fresh, OmegaConf.create({"name": "lyra", "options": {"train_layers": True}}))
+    model, mechanism = attach_mechanism(fresh, OmegaConf.create({"name": name, "options": options}))
     batch = dm._loader(dm.train_examples, shuffle=False).collate_fn([min(dm.train_examples, key=lambda e: len(e[0]))])
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                segment_ids=batch["segment_ids"], labels=batch["labels"])
+    extra = {"segment_ids": batch["segment_ids"]} if mechanism.uses_segments else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                **extra)
     kl = fresh_persona_kl(model, mechanism, batch, out.logits, fresh.chat.pad_id)
     (out.loss + kl).backward()
     assert torch.isfinite(kl) and kl >= 0
