@@ -136,7 +136,13 @@ EXPECTED = {
                                                 "control=false") + [out("pool_repeat_smollm2")],
     "pool_repeat_smollm2_long": lambda: code_command('turns=48 "probe_turns=[0,1,16,32,48]" '
                                                      "conversations=2 control=false") + [out("pool_repeat_smollm2_long")],
-    "lyra_pool_smollm2": lambda: code_command("data=persona_pool") + [f"hydra.run.dir={POOL_RUN}"],
+    "lyra_pool_smollm2": lambda: code_command("mechanism=lyra mechanism.options.train_layers=true data=persona_pool")
+    + [f"hydra.run.dir={POOL_RUN}"],
+    **{f"{m}_pool_smollm2": (lambda m=m: code_command(f"mechanism={m} data=persona_pool")
+                             + [f"hydra.run.dir=outputs/train/{m}/{m}_pool_smollm2"]) for m in ("triplet", "lora")},
+    **{f"{m}_pool_smollm2_eval": (lambda m=m: [a.replace(f"outputs/train/{m}/<run>", f"outputs/train/{m}/{m}_pool_smollm2")
+                                               for a in code_command(f"ckpt=outputs/train/{m}/<run> personas=test_split")]
+                                  + [out(f"{m}_pool_smollm2")]) for m in ("triplet", "lora")},
     "lyra_pool_smollm2_eval": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
                                        for a in code_command("ckpt=outputs/train/lyra/<run> personas=test_split "
                                                              "pool.max_personas=4 turns=12")]
@@ -176,7 +182,8 @@ TABLES = {
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
 # Bundles for README commands that have no measured table yet.
-UNMEASURED = ["pool_none_smollm2", "repeat_smollm2", "pool_repeat_smollm2_long",
+UNMEASURED = ["pool_none_smollm2", "repeat_smollm2", "pool_repeat_smollm2_long", "triplet_pool_smollm2",
+              "triplet_pool_smollm2_eval", "lora_pool_smollm2", "lora_pool_smollm2_eval",
               "instaboost_smollm2", "split_softmax_smollm2"]
 
 
