@@ -24,7 +24,7 @@ from persona_lit.backbones import load_backbone
 from persona_lit.conversation import ConversationRunner
 from persona_lit.data import read_mt_bench, turn_stream
 from persona_lit.mechanisms.none import NoMechanism
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -23,7 +23,7 @@ from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism
 from persona_lit.conversation import ConversationRunner
 from persona_lit.data import read_mt_bench, turn_stream
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ANSWER = ("Here is a careful answer. First, consider the main idea and why it matters. Second, look at a "

@@ -33,7 +33,7 @@ from persona_lit.backbones import decoder_layers, load_backbone  # noqa: E402
 from persona_lit.conversation import ConversationRunner  # noqa: E402
 from persona_lit.mechanisms.lyra import default_layers  # noqa: E402
 from persona_lit.mechanisms.none import NoMechanism  # noqa: E402
-from persona_lit.personas import load_persona  # noqa: E402
+from persona_lit.personas.load import load_persona  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -46,7 +46,7 @@ from persona_lit.backbones import decoder_layers, load_backbone  # noqa: E402
 from persona_lit.build import attach_mechanism  # noqa: E402
 from persona_lit.conversation import Conversation, ConversationRunner  # noqa: E402
 from persona_lit.data import read_mt_bench, turn_stream  # noqa: E402
-from persona_lit.personas import load_persona  # noqa: E402
+from persona_lit.personas.load import load_persona  # noqa: E402
 from persona_lit.steering.vectors import Direction  # noqa: E402
 from persona_lit.steering.weight_diff import FORMAT, save_delta  # noqa: E402
 

@@ -28,7 +28,7 @@ from persona_lit.conversation import ConversationRunner
 from persona_lit.data import read_mt_bench, turn_stream
 from persona_lit.data.mt_bench import neutral_exchanges
 from persona_lit.drift import run_personas, run_protocol
-from persona_lit.personas import builtin_personas, load_persona
+from persona_lit.personas.load import builtin_personas, load_persona
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -37,7 +37,7 @@ from persona_lit.backbones import load_backbone
 from persona_lit.data.dialogues import IGNORE, Collator, PersonaDialogueDataModule
 from persona_lit.mechanisms.lora import LoraMechanism
 from persona_lit.module import PersonaLitModule
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PERSONA = "joyful_writer"

@@ -16,7 +16,8 @@ from persona_lit.backbones import Backbone, input_device, load_backbone
 from persona_lit.checkpoint import load_trainable, read_checkpoint
 from persona_lit.errors import UserError
 from persona_lit.mechanisms import Mechanism, build_mechanism
-from persona_lit.personas import Persona, load_persona, persona_from_dict, persona_to_dict
+from persona_lit.personas.load import load_persona, persona_from_dict, persona_to_dict
+from persona_lit.personas.types import Persona
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment", "task")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from persona_lit.backbones import input_device
 from persona_lit.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
-from persona_lit.personas import Persona, Probe
+from persona_lit.personas.types import Persona, Probe
 from persona_lit.probing import Probing, ProbeResult, per_row_probes
 
 

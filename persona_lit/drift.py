@@ -14,7 +14,7 @@ import torch
 
 from persona_lit.conversation import ConversationRunner, TurnRecord
 from persona_lit.metrics import PerTurnMean, ProbeAdherence, persona_projection
-from persona_lit.personas import Persona
+from persona_lit.personas.types import Persona
 from persona_lit.steering.vectors import Direction
 
 

@@ -91,7 +91,7 @@ def drift_inputs(cfg: DictConfig) -> tuple[MTBenchDataModule, Judge | None, list
     if cfg.judge.url:
         judge = Judge(str(cfg.judge.url), str(cfg.judge.model), cfg.judge.api_key_env, float(cfg.judge.timeout_s))
         check_judge(judge)
-    from persona_lit.persona_pool import evaluation_personas
+    from persona_lit.personas.split import evaluation_personas
 
     chosen = evaluation_personas(cfg)  # personas=test_split (val_split, train_split): from the persona pool
     if chosen is None:

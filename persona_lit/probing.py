@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from persona_lit.personas import Probe
+from persona_lit.personas.types import Probe
 
 
 @dataclass

@@ -22,7 +22,7 @@ from persona_lit.data.dialogues import Collator
 from persona_lit.errors import UserError
 from persona_lit.mechanisms import REGISTRY
 from persona_lit.mechanisms.split_softmax import split_softmax
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from tests.conftest import REPO, model_cfg
 
 ATTENTION = ["instaboost", "split_softmax"]

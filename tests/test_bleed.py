@@ -18,7 +18,7 @@ from persona_lit.backbones import load_backbone
 from persona_lit.build import attach_mechanism
 from persona_lit.conversation import ConversationRunner, TurnRecord
 from persona_lit.drift import ProtocolResult, merge, run_protocol, summarize
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from tests.conftest import REPO, model_cfg, run_cli
 from tests.test_drift import PERSONA, PROBE_TURNS, TURNS, ScriptedRunner
 

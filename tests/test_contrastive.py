@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from persona_lit.data.contrastive import ContrastiveDataModule
 from persona_lit.errors import UserError
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from tests.conftest import REPO, run_cli
 
 AXIS = REPO.parent / "shared" / "data" / "assistant_axis"

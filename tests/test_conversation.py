@@ -5,7 +5,7 @@ import torch
 
 from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.mechanisms.none import NoMechanism
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 
 TURNS = ["Tell me about volcanoes.", "Now summarize that in one line.", "What rhymes with orange?",
          "Give me three tips for sleeping well.", "Thanks! What was my first question?"]

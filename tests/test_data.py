@@ -109,7 +109,7 @@ def test_mt_bench_from_the_package_and_the_turn_stream():
 
 def test_chained_dialogues_label_persona_answers_only(backbone_factory):
     from persona_lit.data import PersonaDialogueDataModule
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     chat = backbone_factory("tiny-llama").chat
     dm = PersonaDialogueDataModule(chat, load_persona("stoic"), max_length=2048, chain_turns=3, filler_turns=1)

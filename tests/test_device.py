@@ -92,7 +92,7 @@ def test_bf16_protocol_results_are_cpu_floats(backbone_factory):
     CPU float32 (what results.json and the metrics read), not bf16 tensors."""
     from persona_lit.conversation import ConversationRunner
     from persona_lit.drift import run_protocol, summarize
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     bb = backbone_factory("tiny-llama")
     model, mechanism = attach_mechanism(bb, lora())
@@ -116,7 +116,7 @@ def test_fp32_checkpoint_evaluates_in_bf16_on_cpu(tmp_path, backbone_factory):
     """device=cpu precision=bf16 on a LoRA checkpoint trained (saved) in fp32: the fingerprint check passes
     (taken on the weights as loaded, before the cast), and results.json records where and how it ran."""
     from persona_lit.checkpoint import save_checkpoint, trainable_state
-    from persona_lit.personas import load_persona, persona_to_dict
+    from persona_lit.personas.load import load_persona, persona_to_dict
 
     bb = backbone_factory("tiny-llama")
     model, _ = attach_mechanism(bb, lora())

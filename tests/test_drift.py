@@ -9,7 +9,7 @@ from persona_lit.conversation import Conversation, ConversationRunner, TurnRecor
 from persona_lit.drift import ProtocolResult, merge, run_protocol, summarize
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.none import NoMechanism
-from persona_lit.personas import persona_from_dict
+from persona_lit.personas.load import persona_from_dict
 from persona_lit.probing import Scored
 
 PERSONA = persona_from_dict({

@@ -114,13 +114,13 @@ def persona_file(tmp_path: Path, text: str | bytes) -> Path:
 
 
 def test_persona_valid_control(tmp_path):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     assert load_persona(str(persona_file(tmp_path, PERSONA))).probes[0].check("I am Cato.")
 
 
 def test_persona_truncated(tmp_path):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = persona_file(tmp_path, PERSONA[: PERSONA.index("[cato]") + 3])  # cut inside the flow list
     fails(load_persona, str(path), facts=[f"{path}:", "not valid YAML"])
@@ -142,14 +142,14 @@ def test_persona_truncated(tmp_path):
 ], ids=["name-list", "probes-int", "exchanges-int", "count-word", "words-int", "bad-regex", "flag-word",
         "li2024-call", "probe-field", "int-key"])
 def test_persona_wrong_types(tmp_path, edit, facts):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = persona_file(tmp_path, PERSONA.replace(*edit))
     fails(load_persona, str(path), facts=[str(path), *facts])
 
 
 def test_persona_unknown_check_kind(tmp_path):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = persona_file(tmp_path, PERSONA.replace("contains_any", "contains_some"))
     fails(load_persona, str(path), facts=[f"{path}: probes[0]: unknown check 'contains_some'",
@@ -164,14 +164,14 @@ def test_persona_unknown_check_kind(tmp_path):
     ("  - question: Hi?\n    check: {}\n", ["probes[0]: a check must be a mapping like"]),
 ], ids=["null", "empty-mapping", "empty-question", "no-check", "empty-check"])
 def test_persona_empty_probes(tmp_path, probes, facts):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = persona_file(tmp_path, PERSONA[: PERSONA.index("probes:\n") + 8] + probes)
     fails(load_persona, str(path), facts=[str(path), *facts])
 
 
 def test_persona_non_utf8(tmp_path):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = persona_file(tmp_path, PERSONA.encode().replace(b"terse", b"t\xe9rse"))  # Latin-1 é
     fails(load_persona, str(path), facts=[f"{path}:2: not UTF-8 text (byte 0xe9)", "allowed: a UTF-8 YAML file"])
@@ -184,14 +184,14 @@ def test_persona_non_utf8(tmp_path):
     ("name: \x00\n", ["not valid YAML (unacceptable character #x0000"]),
 ], ids=["python-tag", "bad-date", "empty-int", "nul"])
 def test_persona_yaml_that_cannot_build(tmp_path, text, facts):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = persona_file(tmp_path, text)
     fails(load_persona, str(path), facts=[str(path), *facts])
 
 
 def test_persona_50mb_line(tmp_path):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = big_line(tmp_path / "huge.yaml", b"name: Cato\nsystem_prompt: ", b"a", b"\n")
     fast_and_small(load_persona, str(path), facts=[str(path), "allowed: a persona YAML file of at most 4 MiB"],
@@ -200,7 +200,7 @@ def test_persona_50mb_line(tmp_path):
 
 def test_persona_exchanges_file_missing(tmp_path):
     from persona_lit.data.readers import read_dialogues
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     persona = load_persona(str(persona_file(tmp_path, "exchanges: gone.jsonl\n" + PERSONA)))
     fails(read_dialogues, persona.exchanges_path, facts=[f"data file not found: {tmp_path / 'gone.jsonl'}"])
@@ -308,14 +308,14 @@ LI = {"index": 0, "category": "pattern", "system_prompt": "Start with 'a'.", "pr
     ({"probe": None}, ["field 'probe' is missing or not a str"]),
 ], ids=["eval", "dunder", "two-args", "syntax", "nul", "deep", "index-str", "probe-null"])
 def test_li2024_bad_records(tmp_path, change, facts):
-    from persona_lit.li2024 import load_li2024
+    from persona_lit.personas.li2024 import load_li2024
 
     path = lines(tmp_path / "li.jsonl", {**LI, "index": 1}, {**LI, **change})
     fails(load_li2024, path, facts=[f"{path}:2:", *facts])
 
 
 def test_li2024_truncated_and_non_utf8(tmp_path):
-    from persona_lit.li2024 import load_li2024
+    from persona_lit.personas.li2024 import load_li2024
 
     path = lines(tmp_path / "li.jsonl", LI, json.dumps({**LI, "index": 1})[:40])
     fails(load_li2024, path, facts=[f"{path}:2: not valid JSON", "allowed: one JSON object a line"])
@@ -324,7 +324,7 @@ def test_li2024_truncated_and_non_utf8(tmp_path):
 
 
 def test_li2024_50mb_check(tmp_path):
-    from persona_lit.li2024 import load_li2024
+    from persona_lit.personas.li2024 import load_li2024
 
     head = json.dumps({k: v for k, v in LI.items() if k != "adherence_check"})[:-1].encode()
     path = big_line(tmp_path / "li.jsonl", head + b', "adherence_check": "lambda x: ', b"x+", b'x"}\n')
@@ -332,7 +332,7 @@ def test_li2024_50mb_check(tmp_path):
 
 
 def test_li2024_persona_index_not_in_file(tmp_path):
-    from persona_lit.personas import load_persona
+    from persona_lit.personas.load import load_persona
 
     path = lines(tmp_path / "li.jsonl", LI)
     fails(load_persona, f"{path}#7", facts=[f"persona '{path}#7': no record with index 7 in {path}"])
@@ -440,7 +440,7 @@ def lora_ckpt(tmp_path_factory):
     from persona_lit.backbones import load_backbone
     from persona_lit.build import attach_mechanism, plain
     from persona_lit.checkpoint import save_checkpoint, trainable_state
-    from persona_lit.personas import load_persona, persona_to_dict
+    from persona_lit.personas.load import load_persona, persona_to_dict
 
     model_cfg = OmegaConf.load(CONF / "model" / "tiny-llama.yaml")
     mech_cfg = OmegaConf.load(CONF / "mechanism" / "lora.yaml")
@@ -531,7 +531,8 @@ def test_persona_pool_cache_damaged(tmp_path):
 # ---------------------------------------------------------------- persona split JSON
 @pytest.fixture(scope="module")
 def pack_split():
-    from persona_lit.persona_pool import load_pool, split
+    from persona_lit.personas.pool import load_pool
+    from persona_lit.personas.split import split
 
     pool = load_pool(["pack"])
     return pool, split(pool, seed=0).to_json()
@@ -547,7 +548,7 @@ def pack_split():
     ({"val": ["pack:nobody"]}, ["val key 'pack:nobody' is not in the pool or is in two parts"]),
 ], ids=["format", "seed-word", "part-str", "fractions-str", "fractions-sum", "hash", "unknown-key"])
 def test_persona_split_damaged(tmp_path, pack_split, change, facts):
-    from persona_lit.persona_pool import read_split
+    from persona_lit.personas.split import read_split
 
     pool, valid = pack_split
     path = tmp_path / "persona_split.json"
@@ -556,7 +557,7 @@ def test_persona_split_damaged(tmp_path, pack_split, change, facts):
 
 
 def test_persona_split_truncated_and_non_utf8(tmp_path, pack_split):
-    from persona_lit.persona_pool import read_split
+    from persona_lit.personas.split import read_split
 
     pool, valid = pack_split
     path = tmp_path / "persona_split.json"

@@ -107,7 +107,8 @@ PERSONA = {"name": "Cato", "system_prompt": "You are Cato.", "description": "a s
 @FUZZ
 @given(data=texts(yaml_text, json_text, mutated(PERSONA).map(lambda v: yaml.safe_dump(v, allow_unicode=True))))
 def test_persona_yaml(work, data):
-    from persona_lit.personas import Persona, load_persona
+    from persona_lit.personas.load import load_persona
+    from persona_lit.personas.types import Persona
 
     path = work / "persona.yaml"
     path.write_bytes(data)
@@ -121,7 +122,7 @@ def test_persona_yaml(work, data):
 @FUZZ
 @given(raw=json_values | mutated(PERSONA))
 def test_persona_dict_from_a_checkpoint(raw):
-    from persona_lit.personas import persona_from_dict
+    from persona_lit.personas.load import persona_from_dict
 
     parsed_or_user_error(persona_from_dict, raw, "<checkpoint>")
 
@@ -174,7 +175,7 @@ def test_mt_bench_reference_answers(work, data):
 @FUZZ
 @given(data=texts(jsonl_text, jsonl(LI)))
 def test_li2024_file(work, data):
-    from persona_lit.li2024 import load_li2024
+    from persona_lit.personas.li2024 import load_li2024
 
     path = work / "li.jsonl"
     path.write_bytes(data)
@@ -191,7 +192,7 @@ PY_CHARS = list("x lambda:()[]{}.,'\"+-*/<>=!%~^&|@#0129aceinorst_\\\n") + [
 @FUZZ
 @given(source=st.lists(st.sampled_from(PY_CHARS), max_size=40).map("".join) | st.text(max_size=60))
 def test_li2024_check_compiler(source):
-    from persona_lit.li2024 import compile_check
+    from persona_lit.personas.li2024_checks import compile_check
 
     out = parsed_or_user_error(compile_check, source)
     if not isinstance(out, UserError) and out.supported:
@@ -325,7 +326,8 @@ def test_persona_pool_cache(work, data):
 # ---------------------------------------------------------------- persona split, sweep and drift results
 @pytest.fixture(scope="module")
 def pack_split():
-    from persona_lit.persona_pool import load_pool, split
+    from persona_lit.personas.pool import load_pool
+    from persona_lit.personas.split import split
 
     pool = load_pool(["pack"])
     return pool, split(pool, seed=0).to_json()
@@ -334,7 +336,7 @@ def pack_split():
 @FUZZ
 @given(data=st.data())
 def test_persona_split(work, pack_split, data):
-    from persona_lit.persona_pool import read_split
+    from persona_lit.personas.split import read_split
 
     pool, valid = pack_split
     content = data.draw(texts(json_text, mutated(valid).map(dumps)))

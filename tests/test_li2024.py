@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from persona_lit import li2024, li2024_helpers
+from persona_lit.personas import li2024, li2024_checks, li2024_helpers
 from persona_lit.errors import UserError
-from persona_lit.li2024 import compile_check, load_li2024
-from persona_lit.personas import Persona, persona_to_dict
+from persona_lit.personas.li2024 import load_li2024
+from persona_lit.personas.li2024_checks import compile_check
+from persona_lit.personas.load import persona_to_dict
+from persona_lit.personas.types import Persona
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "persona_drift_li2024" / "hundred_system_prompts.jsonl"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} not present")
@@ -101,7 +103,7 @@ def test_personas_serialise(checks):
     assert persona_to_dict(persona)["probes"][0]["check"] == {"li2024": checks[0].source}
     copy = deepcopy(persona)  # forked conversations copy personas
     assert copy.probes[0].check("Apples.") and not copy.probes[0].check("Bananas.")
-    assert li2024.li2024_check("Apples.", checks[0].source)
+    assert li2024_checks.li2024_check("Apples.", checks[0].source)
 
 
 def test_scores_keep_upstream_floats_and_the_threshold_is_strict():
@@ -156,7 +158,7 @@ def test_runtime_guards(source, answer):
 
 
 def test_module_never_executes_text():
-    tree = ast.parse(Path(li2024.__file__).read_text() + "\n" + Path(li2024_helpers.__file__).read_text())
+    tree = ast.parse("\n".join(Path(m.__file__).read_text() for m in (li2024, li2024_checks, li2024_helpers)))
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert not called & {"eval", "exec", "compile", "__import__", "getattr", "setattr", "globals", "locals"}
     attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
@@ -186,7 +188,7 @@ def test_bad_files_name_the_line(tmp_path):
 
 
 def test_li2024_persona_by_path_and_index_roundtrips_through_a_checkpoint_dict():
-    from persona_lit.personas import load_persona, persona_from_dict, persona_to_dict
+    from persona_lit.personas.load import load_persona, persona_from_dict, persona_to_dict
 
     path = Path(__file__).resolve().parents[2] / "shared/data/persona_drift_li2024/hundred_system_prompts.jsonl"
     if not path.exists():

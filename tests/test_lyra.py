@@ -8,7 +8,7 @@ from persona_lit.build import attach_mechanism
 from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.lyra import load_persona_ids
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 
 MODELS = ["tiny-llama", "tiny-gemma3", pytest.param("gemma3-270m", marks=pytest.mark.slow)]
 DIALOGUE = [{"role": "user", "content": "Tell me about volcanoes."},

@@ -1,4 +1,4 @@
-"""The persona pool (persona_lit/persona_pool.py) from the shared data, its persona-disjoint split, evaluation
+"""The persona pool (persona_lit/personas/pool.py, split.py) from the shared data, its persona-disjoint split, evaluation
 on the test personas (personas=test_split), and the context-limit stop of the conversation runner."""
 
 import dataclasses
@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_lit.errors import UserError
-from persona_lit.persona_pool import (PARTS, SOURCES, SPLIT_FILE, load_pool, read_split, split, split_for_evaluation,
-                                      split_request, write_split)
+from persona_lit.personas.pool import SOURCES, load_pool
+from persona_lit.personas.split import (PARTS, SPLIT_FILE, read_split, split, split_for_evaluation, split_request,
+                                       write_split)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -172,7 +173,7 @@ def test_evaluate_test_split_runs_only_test_personas(tmp_path):
 
 def test_context_limit_warns_and_stops_at_the_last_turn_that_fits(backbone_factory):
     from persona_lit.conversation import ConversationRunner
-    from persona_lit.personas import persona_from_dict
+    from persona_lit.personas.load import persona_from_dict
 
     limit = 160
     backbone = backbone_factory("tiny-llama", **{"tiny.max_position_embeddings": limit})

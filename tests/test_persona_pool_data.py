@@ -14,8 +14,9 @@ from persona_lit.backbones import load_backbone
 from persona_lit.data.dialogues import IGNORE
 from persona_lit.build import attach_mechanism
 from persona_lit.distill import fresh_persona_kl, fresh_persona_views
-from persona_lit.personas import load_persona
-from persona_lit.persona_pool import SPLIT_FILE, load_pool
+from persona_lit.personas.load import load_persona
+from persona_lit.personas.pool import load_pool
+from persona_lit.personas.split import SPLIT_FILE
 from tests.conftest import REPO, model_cfg, run_cli
 
 DATA = REPO.parent / "shared" / "data"

@@ -3,7 +3,8 @@
 import pytest
 
 from persona_lit.data import read_dialogues
-from persona_lit.personas import CHECKS, builtin_personas, load_persona
+from persona_lit.personas.checks import CHECKS
+from persona_lit.personas.load import builtin_personas, load_persona
 
 
 def test_pack_has_four_distinct_personas():

@@ -25,7 +25,7 @@ from persona_lit.checkpoint import load_trainable, read_checkpoint, save_checkpo
 from persona_lit.conversation import ConversationRunner
 from persona_lit.data.dialogues import IGNORE, Collator
 from persona_lit.errors import UserError
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from persona_lit.steering.vectors import Direction
 from persona_lit.steering.weight_diff import FORMAT, save_delta
 from tests.conftest import model_cfg

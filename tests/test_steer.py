@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from persona_lit.build import attach_mechanism
 from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.errors import UserError
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from persona_lit.steering.vectors import Direction, block_hooks, load_direction
 from tests.conftest import REPO, model_cfg, run_cli, sample_batch
 
@@ -230,7 +230,7 @@ def test_train_vector_trains_only_steer_delta_and_the_checkpoint_reproduces_it(b
     from persona_lit.callbacks import ExportCheckpoint
     from persona_lit.data import PersonaDialogueDataModule
     from persona_lit.module import PersonaLitModule
-    from persona_lit.personas import persona_to_dict
+    from persona_lit.personas.load import persona_to_dict
 
     bb = backbone_factory("tiny-llama")
     path = direction_file(bb, tmp_path / "d.safetensors")

@@ -50,7 +50,7 @@ def test_restored_checkpoint_reproduces_the_trained_module(backbone_factory, tmp
     from persona_lit.callbacks import ExportCheckpoint
     from persona_lit.data import PersonaDialogueDataModule
     from persona_lit.module import PersonaLitModule
-    from persona_lit.personas import load_persona, persona_to_dict
+    from persona_lit.personas.load import load_persona, persona_to_dict
     from tests.conftest import model_cfg, sample_batch
 
     bb = backbone_factory("tiny-gemma3")

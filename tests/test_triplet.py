@@ -11,7 +11,7 @@ from torch import nn
 from persona_lit.build import attach_mechanism
 from persona_lit.conversation import Conversation, ConversationRunner
 from persona_lit.mechanisms.triplet import default_layers
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from tests.conftest import sample_batch
 from tests.test_conversation import TURNS, naive_transcript
 
@@ -267,7 +267,7 @@ def test_lightning_training_moves_the_gate_and_the_checkpoint_restores(backbone_
     from persona_lit.callbacks import ExportCheckpoint
     from persona_lit.data import PersonaDialogueDataModule
     from persona_lit.module import PersonaLitModule
-    from persona_lit.personas import persona_to_dict
+    from persona_lit.personas.load import persona_to_dict
     from tests.conftest import model_cfg
 
     bb = backbone_factory("tiny-llama")

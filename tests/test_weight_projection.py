@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from persona_lit.build import attach_mechanism, plain
 from persona_lit.checkpoint import save_checkpoint, trainable_state
 from persona_lit.errors import UserError
-from persona_lit.personas import load_persona, persona_to_dict
+from persona_lit.personas.load import load_persona, persona_to_dict
 from persona_lit.steering.weight_diff import FORMAT, save_delta
 from persona_lit.steering.weight_projection import correlation, effective_weights, project
 from tests.conftest import REPO, model_cfg

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from persona_lit.build import attach_mechanism
 from persona_lit.conversation import ConversationRunner
 from persona_lit.errors import UserError
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 from persona_lit.steering.weight_diff import build_delta, load_delta, merged_delta, random_like, save_delta
 from tests.conftest import REPO, run_cli, sample_batch
 

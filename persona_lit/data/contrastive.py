@@ -28,7 +28,7 @@ from persona_lit.chat import ChatTokenizer
 from persona_lit.data import cache
 from persona_lit.data.dialogues import PersonaDialogueDataModule
 from persona_lit.errors import UserError
-from persona_lit.personas import Persona
+from persona_lit.personas.types import Persona
 
 SIDES = ("pos", "neg")
 FORMAT = "persona_lit.contrastive.v1"

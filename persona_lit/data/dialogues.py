@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Sampler
 from persona_lit.chat import ChatTokenizer
 from persona_lit.data.readers import read_dialogues
 from persona_lit.errors import UserError
-from persona_lit.personas import Persona
+from persona_lit.personas.types import Persona
 
 IGNORE = -100  # label value the loss skips
 

@@ -1,6 +1,6 @@
 """Many-persona training data (`data=persona_pool`): one mechanism for every training persona of the pool.
 
-For each persona of the train part of the persona-disjoint split (persona_lit/persona_pool.py; `data.pool`
+For each persona of the train part of the persona-disjoint split (persona_lit/personas/split.py; `data.pool`
 holds the settings of evaluate.yaml's `pool:` node, `data.max_personas` keeps the first N, one per source in
 turn), a conversation of `data.turns` user turns: the persona's own questions (roles, PersonaGym) alternating
 with MT-bench questions (first turns only, since a second turn refers to the first; roleplay excluded), drawn
@@ -40,7 +40,7 @@ from persona_lit.chat import ChatTokenizer
 from persona_lit.data import cache
 from persona_lit.data.dialogues import PersonaDialogueDataModule
 from persona_lit.errors import UserError
-from persona_lit.personas import Persona
+from persona_lit.personas.types import Persona
 
 FORMAT = "persona_lit.persona_pool_data.v1"
 
@@ -124,20 +124,20 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
     def plans(self) -> tuple[list[Plan], list[Plan]]:
         """(training plans: personas then controls, validation plans); sets self.split and writes it to the
         Hydra run directory when there is one."""
-        from persona_lit import persona_pool as pp
+        from persona_lit.personas import pool as pp, split as sp
 
         p = self.pool_cfg
         pool = pp.load_pool(p.get("sources"), p.get("data_dir") or "../shared/data")
-        self.split = pp.split(pool, int(p.get("seed") or 0), list(p.get("fractions") or (0.8, 0.1, 0.1)))
+        self.split = sp.split(pool, int(p.get("seed") or 0), list(p.get("fractions") or (0.8, 0.1, 0.1)))
         where = run_dir()
         if where is not None:
-            stored = pp.store_split(where, p)
+            stored = sp.store_split(where, p)
             assert stored.parts == self.split.parts, "the stored split differs from the one trained on"
         sources, mt = self.split.pool_spec["sources"], mt_bench_questions(self.mt_bench_path)
 
         def persona_plans(part: str, limit: int | None) -> list[Plan]:
             out = []
-            for key in pp.round_robin(self.split.parts[part], sources, limit):
+            for key in sp.round_robin(self.split.parts[part], sources, limit):
                 entry = pool.by_key[key]
                 probes = {x.question.strip() for x in entry.persona.probes}
                 own = [q for q in dict.fromkeys(q.strip() for q in entry.questions) if q and q not in probes]

@@ -11,7 +11,7 @@ from typing import Any, ContextManager, Iterator, Sequence
 
 from torch import nn
 
-from persona_lit.personas import Persona
+from persona_lit.personas.types import Persona
 
 
 class Mechanism:

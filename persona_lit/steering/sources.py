@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_lit.errors import UserError
-from persona_lit.personas import load_persona
+from persona_lit.personas.load import load_persona
 
 KINDS = ("persona", "role", "trait")
 

@@ -1,6 +1,6 @@
 """Personas: a name, a system prompt, and probes whose adherence checks are code.
 
-A persona is a YAML file (see persona_lit/persona_pack/ for the built-in ones):
+A persona is a YAML file (see persona_lit/personas/pack/ for the built-in ones):
 
     name: Captain Codebeard
     system_prompt: "You are Captain Codebeard, ..."
@@ -15,141 +15,24 @@ A persona is a YAML file (see persona_lit/persona_pack/ for the built-in ones):
       - question: Describe a linked list.
         check: {max_sentences: 3}
 
-A check is a mapping of one check name (from CHECKS) to its argument. Several keys in one
+A check is a mapping of one check name (from checks.py CHECKS) to its argument. Several keys in one
 mapping must all pass. Checks see the answer text only and return True/False.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from persona_lit.errors import UserError
+from persona_lit.personas.checks import CHECK_ARGS, CHECKS
+from persona_lit.personas.li2024 import load_li2024
+from persona_lit.personas.types import Check, Persona, Probe
 
-PACK_DIR = Path(__file__).parent / "persona_pack"
+PACK_DIR = Path(__file__).parent / "pack"
 MAX_YAML_BYTES = 4 << 20  # a persona file is a few KB; pure-Python YAML takes ~1 s for 4 MiB
-
-_SENTENCE_END = re.compile(r"[.!?]+(?:\s+|$)")
-_WORD = re.compile(r"[A-Za-z']+")
-
-
-def _sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def _as_list(arg: Any) -> list[str]:
-    return [arg] if isinstance(arg, str) else list(arg)
-
-
-# Every check takes (answer, argument) -> bool. Case-insensitive where words are concerned.
-CHECKS: dict[str, Callable[[str, Any], bool]] = {
-    "contains_any": lambda text, words: any(w.lower() in text.lower() for w in _as_list(words)),
-    "contains_all": lambda text, words: all(w.lower() in text.lower() for w in _as_list(words)),
-    "contains_none": lambda text, words: not any(w.lower() in text.lower() for w in _as_list(words)),
-    "max_sentences": lambda text, n: 0 < len(_sentences(text)) <= int(n),
-    "min_sentences": lambda text, n: len(_sentences(text)) >= int(n),
-    "max_words": lambda text, n: 0 < len(_words(text)) <= int(n),
-    "min_words": lambda text, n: len(_words(text)) >= int(n),
-    "no_letter": lambda text, letter: str(letter).lower() not in text.lower(),
-    "starts_with": lambda text, prefixes: text.strip().lower().startswith(
-        tuple(p.lower() for p in _as_list(prefixes))
-    ),
-    "ends_with": lambda text, suffixes: text.strip().lower().endswith(
-        tuple(s.lower() for s in _as_list(suffixes))
-    ),
-    "regex": lambda text, pattern: re.search(pattern, text, flags=re.IGNORECASE) is not None,
-    "not_regex": lambda text, pattern: re.search(pattern, text, flags=re.IGNORECASE) is None,
-    "all_lowercase": lambda text, flag: (text == text.lower()) == bool(flag),
-    "min_exclamations": lambda text, n: text.count("!") >= int(n),
-    "no_exclamations": lambda text, flag: ("!" not in text) == bool(flag),
-    # Li et al. 2024's one-line checks, parsed with ast and interpreted on a whitelist (never eval'd)
-    "li2024": lambda text, source: __import__("persona_lit.li2024", fromlist=["li2024_check"]).li2024_check(text, source),
-}
-
-
-@dataclass(frozen=True)
-class Check:
-    spec: dict[str, Any]
-
-    def __call__(self, answer: str) -> bool:
-        return all(CHECKS[name](answer, arg) for name, arg in self.spec.items())
-
-
-@dataclass(frozen=True)
-class Probe:
-    question: str
-    check: Check
-    kind: str = "style"  # "name" for name recall; reports group probes by kind
-    # Reference answers: one in the persona's voice (passes the check), one a default assistant
-    # would give (fails it). They test the check itself and feed likelihood-margin metrics.
-    persona_answer: str = ""
-    assistant_answer: str = ""
-
-
-@dataclass(frozen=True)
-class Persona:
-    name: str
-    system_prompt: str
-    description: str = ""
-    probes: tuple[Probe, ...] = ()
-    exchanges_path: Path | None = None
-    source: str = "<inline>"
-
-    @property
-    def key(self) -> str:
-        """The short name used on the command line and in logs (file stem for YAML personas)."""
-        return Path(self.source).stem if self.source != "<inline>" else self.name.lower().replace(" ", "_")
-
-    def name_probe(self) -> Probe | None:
-        return next((p for p in self.probes if p.kind == "name"), None)
-
-
-def _words_arg(v: Any) -> bool:
-    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(w, str) for w in v))
-
-
-def _count_arg(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _regex_arg(v: Any) -> bool:
-    try:
-        return isinstance(v, str) and re.compile(v, flags=re.IGNORECASE) is not None
-    except (re.error, RecursionError, OverflowError):
-        return False
-
-
-def _li2024_arg(v: Any) -> bool:
-    from persona_lit.li2024 import compile_check
-
-    try:
-        return isinstance(v, str) and compile_check(v) is not None
-    except UserError:
-        return False
-
-
-# What each check's argument must be (checked when a persona is read, not when an answer is scored).
-CHECK_ARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{k: (_words_arg, "a string or a list of strings")
-       for k in ("contains_any", "contains_all", "contains_none", "starts_with", "ends_with")},
-    **{k: (_count_arg, "an integer >= 0")
-       for k in ("max_sentences", "min_sentences", "max_words", "min_words", "min_exclamations")},
-    "no_letter": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "regex": (_regex_arg, "a valid regular expression (a string)"),
-    "not_regex": (_regex_arg, "a valid regular expression (a string)"),
-    "all_lowercase": (lambda v: isinstance(v, bool), "true or false"),
-    "no_exclamations": (lambda v: isinstance(v, bool), "true or false"),
-    "li2024": (_li2024_arg, "a `lambda x: ...` check of Li et al. 2024 (persona_lit/li2024.py)"),
-}
-assert set(CHECK_ARGS) == set(CHECKS), "every check needs its argument rule in CHECK_ARGS"
 
 
 def _parse_check(spec: Any, where: str) -> Check:
@@ -227,8 +110,6 @@ def load_persona(name_or_path: str) -> Persona:
     """A built-in persona by key (e.g. `stoic`), a path to a persona YAML file, or `FILE.jsonl#N`:
     record N of a Li et al. 2024 style file (system_prompt, probe, adherence_check)."""
     if "#" in name_or_path and name_or_path.split("#")[0].endswith(".jsonl"):
-        from persona_lit.li2024 import load_li2024
-
         file, index = name_or_path.rsplit("#", 1)
         found = [p for p in load_li2024(file, skip_unsupported=False) if p.name == f"li2024-{index}"]
         if not found:

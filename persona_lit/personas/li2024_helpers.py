@@ -1,6 +1,6 @@
 """The helper functions that Li et al. 2024's adherence checks call, by upstream name: our own readings
 of the system prompts (the upstream definitions were never available to us). Approximations are named
-in each docstring; see persona_lit/li2024.py for how a check's text is interpreted (never executed)."""
+in each docstring; see li2024_checks.py for how a check's text is interpreted (never executed)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,249 @@
+"""The seeded, persona-disjoint train/val/test split of the persona pool (pool.py), stored with every run, and
+the personas an evaluation takes from it (`personas=test_split`).
+
+The split (`split(pool, seed, fractions)`) is per source (stratified): each source's keys are shuffled with a
+seed derived from (seed, source) and cut into test, val, train shares of at least one persona each, so every
+source is in every part and no persona is in two parts. `write_split`/`read_split` store it as JSON with the
+pool's spec and hash; reading it back rebuilds the pool and refuses (one-line UserError) if the hash differs.
+
+Contract with training (data=persona_pool): a training run calls `store_split(run_dir, pool_cfg)` (pool_cfg
+with the keys of evaluate.yaml's `pool:` node: sources, data_dir, seed, fractions) so that the run directory
+holds SPLIT_FILE, and keeps the same settings under `data.pool` in its checkpoint config. Evaluation with
+`personas=test_split ckpt=<that run>` then uses the stored split (`split_for_evaluation`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from persona_lit.errors import UserError
+from persona_lit.personas.pool import Pool, load_pool
+
+PARTS = ("train", "val", "test")
+SPLIT_NAMES = {"train_split": "train", "val_split": "val", "test_split": "test"}  # personas=<name>
+SPLIT_FILE = "persona_split.json"
+SPLIT_FORMAT = "persona_lit.persona_split/1"
+
+
+# ---------------------------------------------------------------- the split
+@dataclass(frozen=True)
+class Split:
+    seed: int
+    fractions: dict[str, float]  # train, val, test
+    pool_spec: dict[str, Any]
+    pool_hash: str
+    parts: dict[str, list[str]]  # part -> keys, each in pool order
+
+    def sources_of(self, part: str) -> dict[str, int]:
+        counts: dict[str, int] = {s: 0 for s in self.pool_spec["sources"]}
+        for key in self.parts[part]:
+            counts[key.split(":", 1)[0]] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": SPLIT_FORMAT, "seed": self.seed, "fractions": self.fractions, "pool": self.pool_spec,
+                "pool_hash": self.pool_hash, "counts": {p: self.sources_of(p) for p in PARTS},
+                **{p: self.parts[p] for p in PARTS}}
+
+
+def check_fractions(fractions: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
+    values = [fractions[p] for p in PARTS] if isinstance(fractions, Mapping) else list(fractions)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"pool.fractions={list(values)}: expected three numbers (train, val, test)")
+    if any(v <= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise UserError(f"pool.fractions={list(values)}: each share must be > 0 and they must sum to 1")
+    return {p: float(v) for p, v in zip(PARTS, values)}
+
+
+def split(pool: Pool, seed: int, fractions: Sequence[float] | Mapping[str, float] = (0.8, 0.1, 0.1)) -> Split:
+    """Persona-disjoint train/val/test keys, stratified by source, deterministic for (pool, seed, fractions):
+    within each source a shuffle seeded by (seed, source), then test and val take round(n * share) keys, at
+    least one each, and train the rest (at least one). A source with fewer than 3 personas is a UserError."""
+    shares = check_fractions(fractions)
+    parts: dict[str, set[str]] = {p: set() for p in PARTS}
+    for source in pool.spec["sources"]:
+        keys = [e.key for e in pool.entries if e.source == source]
+        if len(keys) < 3:
+            raise UserError(f"pool source {source} has {len(keys)} persona(s): too few for a train/val/test split "
+                            f"(each part needs one); drop it from pool.sources")
+        shuffled = keys[:]
+        random.Random(f"persona_lit.split:{int(seed)}:{source}").shuffle(shuffled)  # str seeds are stable
+        n_test = max(1, round(len(keys) * shares["test"]))
+        n_val = max(1, round(len(keys) * shares["val"]))
+        while n_test + n_val > len(keys) - 1:  # train keeps at least one (n >= 3, so 1 + 1 always fits)
+            if n_test >= n_val:
+                n_test -= 1
+            else:
+                n_val -= 1
+        parts["test"].update(shuffled[:n_test])
+        parts["val"].update(shuffled[n_test : n_test + n_val])
+        parts["train"].update(shuffled[n_test + n_val :])
+    order = pool.keys
+    return Split(int(seed), shares, dict(pool.spec), pool.hash, {p: [k for k in order if k in parts[p]] for p in PARTS})
+
+
+def write_split(path: str | os.PathLike, s: Split) -> Path:
+    """The split as JSON (keys per part, seed, fractions, pool spec, pool hash, counts per source)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(s.to_json(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_split(path: str | os.PathLike, pool: Pool | None = None,
+               data_dir: str | os.PathLike = "../shared/data") -> tuple[Split, Pool]:
+    """A stored split and its pool, rebuilt from the stored spec (from `data_dir`) unless given; a pool whose
+    hash differs from the stored one (the data or the pool code changed) is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"persona split file not found: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]}); allowed: "
+                        f"a persona split written by evaluate.py/train.py ({SPLIT_FORMAT})") from None
+    if not isinstance(raw, dict) or raw.get("format") != SPLIT_FORMAT or not all(p in raw for p in PARTS):
+        raise UserError(f"{path}: not a persona split ({SPLIT_FORMAT}: seed, fractions, pool, pool_hash, "
+                        f"{', '.join(PARTS)})")
+    spec = raw.get("pool") or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("sources", []), list) \
+            or not all(isinstance(raw[p], list) for p in PARTS) \
+            or not isinstance(raw.get("seed"), int) or isinstance(raw.get("seed"), bool):
+        raise UserError(f"{path}: a damaged persona split (allowed: pool an object, seed an integer, "
+                        f"{', '.join(PARTS)} lists of persona keys)")
+    if pool is None:
+        pool = load_pool(spec.get("sources"), data_dir)
+    if pool.hash != raw.get("pool_hash"):
+        raise UserError(f"{path}: the persona pool changed since this split was written (pool hash "
+                        f"{raw.get('pool_hash')!r} there, {pool.hash} now from {pool.data_dir} with sources "
+                        f"{','.join(pool.spec['sources'])}); write a new split or restore the data it was made from")
+    parts = {p: [str(k) for k in raw[p]] for p in PARTS}
+    known, seen = set(pool.keys), set()
+    for p in PARTS:
+        bad = [k for k in parts[p] if k not in known or k in seen]
+        if bad:
+            raise UserError(f"{path}: {p} key {bad[0]!r} is not in the pool or is in two parts")
+        seen.update(parts[p])
+    fractions = raw.get("fractions")
+    if not (isinstance(fractions, list) or (isinstance(fractions, dict) and set(PARTS) <= set(fractions))):
+        raise UserError(f"{path}: fractions={fractions!r}; allowed: three numbers (train, val, test)")
+    try:
+        shares = check_fractions(fractions)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return Split(int(raw["seed"]), shares, spec, raw["pool_hash"], parts), pool
+
+
+def store_split(run_dir: str | os.PathLike, pool_cfg: Mapping[str, Any]) -> Split:
+    """For a training run: build the pool and split from `pool_cfg` (sources, data_dir, seed, fractions) and
+    write them to run_dir/SPLIT_FILE; returns the split (train on split.parts["train"])."""
+    pool = load_pool(pool_cfg.get("sources"), pool_cfg.get("data_dir") or "../shared/data")
+    s = split(pool, int(pool_cfg.get("seed") or 0), list(pool_cfg.get("fractions") or (0.8, 0.1, 0.1)))
+    write_split(Path(run_dir) / SPLIT_FILE, s)
+    return s
+
+
+# ---------------------------------------------------------------- evaluation (personas=test_split)
+class PoolSelection(list):
+    """A list of Personas chosen from a split, with `info` (where the split came from) for results.json."""
+
+    info: dict[str, Any]
+
+
+def split_request(personas: Any) -> str | None:
+    """The part named by `personas` (test_split, [test_split], ...), None for a list of persona names; any
+    other single string is a UserError (a list of personas is written [a,b])."""
+    if personas is None:
+        return None
+    if isinstance(personas, str):
+        if personas not in SPLIT_NAMES:
+            raise UserError(f"personas={personas}: a single value names a split ({', '.join(SPLIT_NAMES)}); "
+                            f"for personas give a list, e.g. personas=[{personas}]")
+        return SPLIT_NAMES[personas]
+    names = [str(p) for p in personas]
+    if any(n in SPLIT_NAMES for n in names):
+        if len(names) != 1:
+            raise UserError(f"personas={names}: a split ({', '.join(SPLIT_NAMES)}) cannot be mixed with personas")
+        return SPLIT_NAMES[names[0]]
+    return None
+
+
+def _run_dir_and_config(ckpt: str) -> tuple[Path, dict[str, Any]]:
+    """The training run directory of a checkpoint and its config (metadata only: no tensors are read)."""
+    from safetensors import safe_open
+
+    from persona_lit.checkpoint import resolve_checkpoint_path
+
+    path = resolve_checkpoint_path(ckpt)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("persona_lit") or "{}")
+    except Exception:  # noqa: BLE001 - restore() reports a broken checkpoint in full later
+        header = {}
+    return run_dir, header.get("config") or {}
+
+
+def split_for_evaluation(cfg: Any) -> tuple[Split, Pool, str]:
+    """(split, pool, note). Where the split comes from, first that applies: pool.split_file; the checkpoint's
+    run directory (SPLIT_FILE, written by its training run); the checkpoint config's data.pool settings
+    (recomputed, said so in the note); evaluate.yaml's pool settings."""
+    p = cfg.pool
+    data_dir = str(p.data_dir)
+    if p.get("split_file"):
+        s, pool = read_split(p.split_file, data_dir=data_dir)
+        return s, pool, f"stored split {p.split_file}"
+    if cfg.get("ckpt"):
+        run_dir, config = _run_dir_and_config(str(cfg.ckpt))
+        stored = run_dir / SPLIT_FILE
+        if stored.is_file():
+            s, pool = read_split(stored, data_dir=data_dir)
+            return s, pool, f"the training run's split {stored}"
+        trained = (config.get("data") or {}).get("pool") if isinstance(config.get("data"), dict) else None
+        if isinstance(trained, dict):
+            pool = load_pool(trained.get("sources"), data_dir)
+            s = split(pool, int(trained.get("seed") or 0), list(trained.get("fractions") or (0.8, 0.1, 0.1)))
+            return s, pool, (f"recomputed from the checkpoint's data.pool settings (seed {s.seed}): no {SPLIT_FILE} "
+                             f"in {run_dir}")
+        note = f"from pool.* (seed {int(p.seed)}): the checkpoint was not trained on the persona pool"
+    else:
+        note = f"from pool.* (seed {int(p.seed)})"
+    pool = load_pool(list(p.sources), data_dir)
+    return split(pool, int(p.seed), list(p.fractions)), pool, note
+
+
+def round_robin(keys: Sequence[str], sources: Sequence[str], limit: int | None) -> list[str]:
+    """At most `limit` keys, taking one per source in turn (each source in its split order)."""
+    if limit is None or limit >= len(keys):
+        return list(keys)
+    queues = {s: [k for k in keys if k.split(":", 1)[0] == s] for s in sources}
+    out: list[str] = []
+    while len(out) < limit:
+        for s in sources:
+            if queues[s] and len(out) < limit:
+                out.append(queues[s].pop(0))
+    return out
+
+
+def evaluation_personas(cfg: Any) -> PoolSelection | None:
+    """The personas of `personas=<part>_split` (None when cfg.personas is not a split), at most
+    pool.max_personas of them (round-robin over sources); prints where the split came from."""
+    part = split_request(cfg.personas)
+    if part is None:
+        return None
+    s, pool, note = split_for_evaluation(cfg)
+    limit = cfg.pool.get("max_personas")
+    keys = round_robin(s.parts[part], s.pool_spec["sources"], None if limit is None else int(limit))
+    chosen = PoolSelection(pool.personas(keys))
+    chosen.info = {"part": part, "keys": keys, "of": len(s.parts[part]), "seed": s.seed, "fractions": s.fractions,
+                   "pool": s.pool_spec, "pool_hash": s.pool_hash, "from": note}
+    print(f"persona_lit: {len(keys)} of the {len(s.parts[part])} {part} personas of the pool "
+          f"({', '.join(s.pool_spec['sources'])}; split {note})")
+    return chosen
