@@ -25,10 +25,10 @@ GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment", "task
 
 def preflight(argv: list[str], conf_dir: Path = CONF_DIR, config: str | None = None) -> None:
     """Checks the overrides before Hydra runs, so a mistake gets one line. With `config` (train, evaluate) every
-    override: syntax, group choices, unknown keys, types and ranges (persona_lit/config_check.py); without it
+    override: syntax, group choices, unknown keys, types and ranges (persona_lit/config/check.py); without it
     only `group=choice`. Then that hydra.run.dir / out_dir can be written."""
     if config is not None:
-        from persona_lit.config_check import check_cli
+        from persona_lit.config.check import check_cli
 
         check_cli(argv, config, conf_dir)
     for arg in argv:

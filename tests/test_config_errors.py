@@ -1,5 +1,5 @@
 """Config mistakes on the command line: one `error: ...` line, exit 2, before Hydra or any model runs
-(persona_lit/config_check.py, called by build.preflight). The matrix runs the check in-process; two
+(persona_lit/config/, called by build.preflight). The matrix runs the check in-process; two
 subprocess tests run the entry points end to end."""
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_lit.config_check import addable, check_cli, schema_of
+from persona_lit.config.check import addable, check_cli, schema_of
 from persona_lit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,13 +160,13 @@ def _choices(group):
 @pytest.mark.parametrize("config", ["train", "evaluate"])
 def test_every_config_choice_passes_and_every_key_has_a_type(config):
     """Every choice of every group (zipped: a few compositions cover them all) validates as it is, and every
-    key has a type: a null or [] default needs its entry in config_schema.RULES."""
+    key has a type: a null or [] default needs its entry in config/schema.py RULES."""
     groups = {g: _choices(g) for g in _groups(config)}
     for i in range(max(len(c) for c in groups.values())):
         overrides = [f"{g}={c[i % len(c)]}" for g, c in groups.items()]
         cfg = check_cli(overrides, config)
         untyped = [k for k, spec in schema_of(cfg, config).items() if not spec.kinds]
-        assert not untyped, f"{overrides}: no type for {untyped} (add them to config_schema.RULES)"
+        assert not untyped, f"{overrides}: no type for {untyped} (add them to config/schema.py RULES)"
     assert "model.quantization" in addable(CONF)
 
 

@@ -1,5 +1,5 @@
 """conf/experiment/ bundles (issue 12): each composes with its entry point to exactly the config of the README
-command it reproduces, passes config_check, is refused in one line by the other entry point, and every README
+command it reproduces, passes the config check, is refused in one line by the other entry point, and every README
 table that has a command has its bundles and an `or: python ... experiment=...` line beside it. Composition only:
 nothing loads a model."""
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from persona_lit.config_check import bundle_entries, check_cli
+from persona_lit.config.check import check_cli
+from persona_lit.config.overrides import bundle_entries
 from persona_lit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,7 +192,7 @@ UNMEASURED = ["pool_none_smollm2", "repeat_smollm2", "triplet_pool_smollm2",
 
 @lru_cache(maxsize=None)
 def checked(name: str):
-    """config_check on `<entry>.py experiment=NAME`: what Hydra composes for it, once per bundle."""
+    """The config check on `<entry>.py experiment=NAME`: what Hydra composes for it, once per bundle."""
     return check_cli([f"experiment={name}"], entry(name))
 
 
@@ -225,7 +226,7 @@ def test_every_bundle_is_mapped_and_declared():
 
 @pytest.mark.parametrize("name", BUNDLES)
 def test_bundle_equals_its_readme_command(name):
-    """config_check accepts both (it types the bundle's keys like command-line values) and returns what Hydra
+    """The config check accepts both (it types the bundle's keys like command-line values) and returns what Hydra
     composes: the same config, group choices and run directory."""
     config, readme = entry(name), EXPECTED[name]()
     bundle_cfg = checked(name)
@@ -315,7 +316,7 @@ BAD = [
 
 @pytest.mark.parametrize("config, body, facts", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
 def test_a_bundles_keys_are_checked_like_command_line_values(conf_copy, config, body, facts):
-    name = f"bad{BAD.index((config, body, facts))}"  # one name per body: config_check caches compositions by name
+    name = f"bad{BAD.index((config, body, facts))}"  # one name per body: the config check caches compositions by name
     (conf_copy / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\n# entry: {config}\n{body}")
     with pytest.raises(UserError) as e:
         check_cli([f"experiment={name}"], config, conf_copy)

@@ -104,7 +104,7 @@ def test_stored_split_round_trips_and_a_changed_pool_is_refused(small_pool, tmp_
 
 
 def test_split_names_and_config_keys():
-    from persona_lit.config_check import check_cli
+    from persona_lit.config.check import check_cli
 
     assert split_request("test_split") == "test" and split_request(["val_split"]) == "val"
     assert split_request(["stoic", "botanist"]) is None and split_request(None) is None
@@ -150,7 +150,7 @@ def test_a_checkpoint_trained_on_the_pool_keeps_its_split(small_pool, tmp_path):
 @needs_data
 def test_evaluate_test_split_runs_only_test_personas(tmp_path):
     """In-process: hydra compose (the CLI check's) + evaluate on tiny-llama, 2 test personas of role and li2024."""
-    from persona_lit.config_check import check_cli
+    from persona_lit.config.check import check_cli
     from persona_lit.evaluation import evaluate
 
     out = tmp_path / "eval"

@@ -1,4 +1,4 @@
-"""The schema config_check.py checks overrides against: what every key accepts (type, null, range, choices).
+"""The schema check.py checks overrides against: what every key accepts (type, null, range, choices).
 
 Defaults live only in the YAML: a key's type comes from its default (derive), and RULES add what a default cannot
 say (ranges, choices, the type of a null or [] default). schema() gives the Spec of every key of a composed config.
@@ -157,7 +157,7 @@ def parse_rule(text: str, base: Spec | None = None) -> Spec:
     """A RULES entry over the spec derived from the YAML default (`base`)."""
     m = RULE.match(text.strip())
     if not m:
-        raise ValueError(f"config_schema.RULES: cannot read {text!r}")
+        raise ValueError(f"schema.RULES: cannot read {text!r}")
     spec = base or Spec()
     if m["kinds"]:
         spec = replace(spec, kinds=tuple(m["kinds"].split("|")))
