@@ -176,15 +176,15 @@ TABLES = {
     "| checkpoint | coefficient on ΔW |": [],  # weight projection: its commands only
     "| mechanism | forward | train step |": [],  # bench/overhead.py: a benchmark, not a config
     "| turn (history tokens) | 1 (334) | 4 (626) | 8 (1,172) | 12 (1,630) |":
-        ["lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2", "lyra_pool_smollm2_bleed"],
+        ["lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2", "lyra_pool_smollm2_bleed",
+         "triplet_pool_smollm2", "triplet_pool_smollm2_eval", "lora_pool_smollm2", "lora_pool_smollm2_eval"],
     "| turn (history tokens) | 0 (38) | 1 (334) | 16 (2,017) | 32 (3,836) | 48 (5,342) |":
         ["lyra_pool_smollm2", "lyra_pool_smollm2_long", "pool_repeat_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
 # Bundles for README commands that have no measured table yet.
-UNMEASURED = ["pool_none_smollm2", "repeat_smollm2", "triplet_pool_smollm2",
-              "triplet_pool_smollm2_eval", "lora_pool_smollm2", "lora_pool_smollm2_eval",
+UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2"]
 
 
