@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
-import pytest
 import torch
 
 from tests.conftest import REPO
