@@ -18,7 +18,7 @@ except ImportError as e:  # an untested transformers/Lightning (persona_lit/vers
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    from persona_lit.evaluation import evaluate
+    from persona_lit.evaluation.runner import evaluate
 
     evaluate(cfg)
 

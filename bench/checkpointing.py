@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     sys.path.insert(0, str(REPO))
-    from persona_lit.backbones import load_backbone
+    from persona_lit.models.backbones import load_backbone
     from persona_lit.build import attach_mechanism
 
     torch.manual_seed(0)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import ConversationRunner
+from persona_lit.evaluation.conversation import ConversationRunner
 from persona_lit.data import read_mt_bench, turn_stream
 from persona_lit.personas.load import load_persona
 

@@ -29,8 +29,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import history  # noqa: E402  (bench/overhead.py: the teacher-forced history)
 
-from persona_lit.backbones import decoder_layers, load_backbone  # noqa: E402
-from persona_lit.conversation import ConversationRunner  # noqa: E402
+from persona_lit.models.backbones import decoder_layers, load_backbone  # noqa: E402
+from persona_lit.evaluation.conversation import ConversationRunner  # noqa: E402
 from persona_lit.mechanisms.lyra import default_layers  # noqa: E402
 from persona_lit.mechanisms.none import NoMechanism  # noqa: E402
 from persona_lit.personas.load import load_persona  # noqa: E402

@@ -42,9 +42,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weight_steer import random_delta  # noqa: E402  (bench/weight_steer.py: a rank-8 ΔW on every projection)
 
-from persona_lit.backbones import decoder_layers, load_backbone  # noqa: E402
+from persona_lit.models.backbones import decoder_layers, load_backbone  # noqa: E402
 from persona_lit.build import attach_mechanism  # noqa: E402
-from persona_lit.conversation import Conversation, ConversationRunner  # noqa: E402
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner  # noqa: E402
 from persona_lit.data import read_mt_bench, turn_stream  # noqa: E402
 from persona_lit.personas.load import load_persona  # noqa: E402
 from persona_lit.steering.vectors import Direction  # noqa: E402

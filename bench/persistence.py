@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DynamicCache
 
-from persona_lit.backbones import decoder_layers, load_backbone
+from persona_lit.models.backbones import decoder_layers, load_backbone
 from persona_lit.build import attach_mechanism
 from persona_lit.steering.persistence import Decoding, prompt_ids, run_arm
 from persona_lit.steering.persistence_reference import reference_arm

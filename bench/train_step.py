@@ -33,10 +33,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.data.dialogues import IGNORE, Collator, PersonaDialogueDataModule
 from persona_lit.mechanisms.lora import LoraMechanism
-from persona_lit.module import PersonaLitModule
+from persona_lit.training.module import PersonaLitModule
 from persona_lit.personas.load import load_persona
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

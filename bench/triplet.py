@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism
 from persona_lit.data import read_mt_bench, turn_stream
 from persona_lit.personas.load import load_persona
@@ -118,7 +118,7 @@ def train(model, mech, bb, steps: int, lr: float) -> None:
     import lightning as L
 
     from persona_lit.data import PersonaDialogueDataModule
-    from persona_lit.module import PersonaLitModule
+    from persona_lit.training.module import PersonaLitModule
 
     module = PersonaLitModule(model, mech, optimizer=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0))
     data = PersonaDialogueDataModule(bb.chat, load_persona("joyful_writer"), max_length=256, batch_size=4)

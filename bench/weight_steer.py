@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from persistence import plain_decode  # noqa: E402  (bench/persistence.py: KV-cached greedy, nothing else)
 
-from persona_lit.backbones import decoder_layers, load_backbone  # noqa: E402
+from persona_lit.models.backbones import decoder_layers, load_backbone  # noqa: E402
 from persona_lit.build import attach_mechanism  # noqa: E402
 from persona_lit.mechanisms.lora import linear_targets  # noqa: E402
 from persona_lit.steering.persistence import prompt_ids  # noqa: E402

@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from persona_lit.backbones import Backbone, input_device, load_backbone
-from persona_lit.checkpoint import load_trainable, read_checkpoint
+from persona_lit.models.backbones import Backbone, input_device, load_backbone
+from persona_lit.training.checkpoint import load_trainable, read_checkpoint
 from persona_lit.errors import UserError
 from persona_lit.mechanisms import Mechanism, build_mechanism
 from persona_lit.personas.load import load_persona, persona_from_dict, persona_to_dict

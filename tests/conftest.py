@@ -20,7 +20,7 @@ def model_cfg(name: str, **overrides):
 
 @pytest.fixture
 def backbone_factory():
-    from persona_lit.backbones import load_backbone
+    from persona_lit.models.backbones import load_backbone
 
     return lambda name, **overrides: load_backbone(model_cfg(name, **overrides))
 

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import ConversationRunner
+from persona_lit.evaluation.conversation import ConversationRunner
 from persona_lit.data.dialogues import Collator
 from persona_lit.errors import UserError
 from persona_lit.mechanisms import REGISTRY

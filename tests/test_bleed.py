@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import ConversationRunner, TurnRecord
-from persona_lit.drift import ProtocolResult, merge, run_protocol, summarize
+from persona_lit.evaluation.conversation import ConversationRunner, TurnRecord
+from persona_lit.evaluation.protocol import ProtocolResult, merge, run_protocol, summarize
 from persona_lit.personas.load import load_persona
 from tests.conftest import REPO, model_cfg, run_cli
 from tests.test_drift import PERSONA, PROBE_TURNS, TURNS, ScriptedRunner
@@ -39,8 +39,8 @@ class BleedingRunner(ScriptedRunner):
 
 
 def test_bleed_arm_metrics_paired_difference_report_transcript_and_compare(tmp_path):
-    from persona_lit.compare import compare_runs
-    from persona_lit.report import write_report
+    from persona_lit.evaluation.compare import compare_runs
+    from persona_lit.evaluation.report import write_report
 
     runner = BleedingRunner(lambda t: t >= 4)  # from turn 4 on, without a persona, it says the name anyway
     assert run_protocol(runner, PERSONA, [TURNS], PROBE_TURNS, progress=False).bleed_arm == []  # off by default
@@ -117,7 +117,7 @@ def test_bleed_minus_control_kl_is_paired_by_conversation_and_clustered_by_perso
 
 
 def test_two_ranks_gather_the_bleed_arm_in_conversation_order():
-    from persona_lit.evaluation_dist import interleave
+    from persona_lit.evaluation.distributed import interleave
 
     def rec(c):
         return [TurnRecord(0, "", "", "", c), TurnRecord(1, f"q{c}", f"a{c}", "writing", 10 + c)]
@@ -251,7 +251,7 @@ def test_evaluate_cli_bleed_true_end_to_end_and_on_two_processes(backbone_factor
     """evaluate.py bleed=true with a steering mechanism on tiny-llama: the bleed arm in results.json (its metrics and
     the paired differences), the transcript, the report, run.last_turn and compare; devices=2 gathers it in the
     same order as one process."""
-    from persona_lit.compare import compare_runs
+    from persona_lit.evaluation.compare import compare_runs
     from tests.test_eval_distributed import _close
 
     path = direction(backbone_factory("tiny-llama"), tmp_path)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from persona_lit.compare import compare_runs
+from persona_lit.evaluation.compare import compare_runs
 from persona_lit.errors import UserError
 
 TURNS = [0, 4, 8]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.mechanisms.none import NoMechanism
 from persona_lit.personas.load import load_persona
 
@@ -117,7 +117,7 @@ def test_batched_conversations_and_probes_equal_one_at_a_time(backbone_factory, 
 
 
 def test_capability_cost_is_zero_for_the_base_model_without_history_and_grows_with_a_persona(backbone_factory):
-    from persona_lit.drift import run_protocol, summarize
+    from persona_lit.evaluation.protocol import run_protocol, summarize
 
     bb = backbone_factory("tiny-llama")
     persona = load_persona("stoic")
@@ -141,7 +141,7 @@ def test_personas_mixed_in_one_batch_equal_each_persona_alone(backbone_factory, 
     verdicts, margins and capability equal each persona's protocol run alone, one conversation at a time."""
     import dataclasses
 
-    from persona_lit.drift import run_personas, run_protocol
+    from persona_lit.evaluation.protocol import run_personas, run_protocol
 
     bb = backbone_factory(name, **({"tiny.sliding_window": 4096} if name == "tiny-gemma3" else {}))
     model, mech = mechanism_for(bb, kind)

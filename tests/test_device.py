@@ -90,8 +90,8 @@ def test_place_casts_model_mechanism_and_leaves_quantized_models_alone(backbone_
 def test_bf16_protocol_results_are_cpu_floats(backbone_factory):
     """The drift protocol on a bf16 model: answers, scores, reply states and capability numbers come back as
     CPU float32 (what results.json and the metrics read), not bf16 tensors."""
-    from persona_lit.conversation import ConversationRunner
-    from persona_lit.drift import run_protocol, summarize
+    from persona_lit.evaluation.conversation import ConversationRunner
+    from persona_lit.evaluation.protocol import run_protocol, summarize
     from persona_lit.personas.load import load_persona
 
     bb = backbone_factory("tiny-llama")
@@ -115,7 +115,7 @@ def test_bf16_protocol_results_are_cpu_floats(backbone_factory):
 def test_fp32_checkpoint_evaluates_in_bf16_on_cpu(tmp_path, backbone_factory):
     """device=cpu precision=bf16 on a LoRA checkpoint trained (saved) in fp32: the fingerprint check passes
     (taken on the weights as loaded, before the cast), and results.json records where and how it ran."""
-    from persona_lit.checkpoint import save_checkpoint, trainable_state
+    from persona_lit.training.checkpoint import save_checkpoint, trainable_state
     from persona_lit.personas.load import load_persona, persona_to_dict
 
     bb = backbone_factory("tiny-llama")
@@ -124,7 +124,7 @@ def test_fp32_checkpoint_evaluates_in_bf16_on_cpu(tmp_path, backbone_factory):
               "persona": persona_to_dict(load_persona("stoic")), "data": {}, "seed": 0}
     ckpt = save_checkpoint(tmp_path / "final.safetensors", trainable_state(model), config, bb.fingerprint)
     bf16 = bb.model.to(torch.bfloat16)
-    from persona_lit.backbones import fingerprint
+    from persona_lit.models.backbones import fingerprint
 
     assert fingerprint(bf16) != bb.fingerprint  # so the order (fingerprint, then cast) is what makes it match
     out = tmp_path / "eval"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from persona_lit.backbones import decoder_layers
-from persona_lit.conversation import TurnRecord
-from persona_lit.drift import ProtocolResult, summarize as drift_summary
+from persona_lit.models.backbones import decoder_layers
+from persona_lit.evaluation.conversation import TurnRecord
+from persona_lit.evaluation.protocol import ProtocolResult, summarize as drift_summary
 from persona_lit.errors import UserError
 from persona_lit.steering.directions import (Sample, cosine_matrix, extract, generate, projection_axis, prompt_ids,
                                              sample_means, summarize)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from persona_lit.conversation import Conversation, ConversationRunner, TurnRecord
-from persona_lit.drift import ProtocolResult, merge, run_protocol, summarize
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner, TurnRecord
+from persona_lit.evaluation.protocol import ProtocolResult, merge, run_protocol, summarize
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.none import NoMechanism
 from persona_lit.personas.load import persona_from_dict
-from persona_lit.probing import Scored
+from persona_lit.evaluation.probing import Scored
 
 PERSONA = persona_from_dict({
     "name": "Cato", "system_prompt": "You are Cato.",
@@ -95,8 +95,8 @@ def test_intervals_shrink_with_more_conversations_and_cover_the_mean():
 def test_compare_overlays_earlier_evaluations(tmp_path):
     import json
 
-    from persona_lit.compare import compare_runs
-    from persona_lit.report import write_report
+    from persona_lit.evaluation.compare import compare_runs
+    from persona_lit.evaluation.report import write_report
 
     for name, policy in (("always", lambda t: True), ("until4", lambda t: t < 4)):
         result = run_protocol(ScriptedRunner(policy), PERSONA, [TURNS, TURNS], PROBE_TURNS, progress=False)
@@ -142,7 +142,7 @@ def test_evaluate_pools_several_personas_and_reports_each(tmp_path):
 
 
 def _records(verdicts_by_turn: dict[int, list[bool]]) -> list[TurnRecord]:
-    from persona_lit.probing import ProbeResult
+    from persona_lit.evaluation.probing import ProbeResult
 
     return [TurnRecord(turn, "q", "a", "writing", 10 * turn,
                        probes=[ProbeResult(turn, f"probe {i}", "name", "a", ok) for i, ok in enumerate(verdicts)])
@@ -178,7 +178,7 @@ def test_adherence_interval_is_over_conversations_not_pooled_probes():
 def test_one_conversation_has_no_interval_anywhere(tmp_path):
     import json
 
-    from persona_lit.report import write_report
+    from persona_lit.evaluation.report import write_report
 
     result = run_protocol(ScriptedRunner(lambda t: t < 4), PERSONA, [TURNS], PROBE_TURNS, progress=False)
     res = {"run": {"mechanism": "none", "model": "scripted", "persona": "Cato", "ckpt": None, "conversations": 1,
@@ -232,7 +232,7 @@ def test_baseline_arm_in_results_report_and_transcript(tmp_path):
     """The mechanism holds the persona throughout; the plain system prompt (its baseline) only until turn 4."""
     import json
 
-    from persona_lit.report import write_report
+    from persona_lit.evaluation.report import write_report
 
     runner = ScriptedRunner(lambda t: True, baseline=lambda t: t < 4)
     result = run_protocol(runner, PERSONA, [TURNS] * 5, PROBE_TURNS, progress=False)
@@ -266,7 +266,7 @@ def test_nonnegative_costs_never_get_an_interval_below_their_range():
     """KL to base (>= 0) and perplexity (>= 1) over two spread-out conversations: the bootstrap stays in the
     values' range; a t-interval with n=2 reaches far below the mean and is clipped to the value's range; all-equal
     values still get no interval."""
-    from persona_lit.drift import _record_metrics
+    from persona_lit.evaluation.protocol import _record_metrics
     from persona_lit.metrics import cluster_interval
 
     def arm(values):
@@ -289,7 +289,7 @@ def test_seconds_per_turn_recorded_summarized_and_reported(tmp_path):
     report.md shows it, the transcript leaves timings out (the same run gives the same transcript)."""
     import json
 
-    from persona_lit.report import write_report
+    from persona_lit.evaluation.report import write_report
 
     result = run_protocol(ScriptedRunner(lambda t: True), PERSONA, [TURNS] * 3, PROBE_TURNS, progress=False, batch=2)
     for records in result.persona_arm + result.control_arm:
@@ -316,7 +316,7 @@ def test_capability_kl_above_the_baseline_is_paired_and_reported_as_worse(tmp_pa
     """The issue's capability target reads "KL to base at most 0.03 above `none` at the same turn": the mechanism's
     KL minus the baseline arm's, paired by conversation, with its interval; in report.md a KL difference whose
     interval is above 0 is "worse" (a cost), below 0 "better"."""
-    from persona_lit.report import versus_baseline
+    from persona_lit.evaluation.report import versus_baseline
 
     def arm(kls):
         return [[TurnRecord(0, "", "", "", 0, capability={"kl_to_base": 0.0, "nll": 1.0}),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from persona_lit.errors import UserError
-from persona_lit.evaluation_dist import interleave, resolve_placement
+from persona_lit.evaluation.distributed import interleave, resolve_placement
 from tests.conftest import run_cli
 
 
@@ -45,8 +45,8 @@ def test_interleave_keeps_an_arm_that_no_rank_ran_empty_and_rejects_a_short_one(
 
 
 def test_interleave_real_protocol_result():
-    from persona_lit.conversation import TurnRecord
-    from persona_lit.drift import ProtocolResult
+    from persona_lit.evaluation.conversation import TurnRecord
+    from persona_lit.evaluation.protocol import ProtocolResult
 
     def rec(c):
         return [TurnRecord(0, "", "", "", c), TurnRecord(1, f"q{c}", f"a{c}", "writing", 10 + c)]

@@ -56,7 +56,7 @@ class GrowCheckpoint(L.Callback):
 
 def write_checkpoint(kind: str, path: str, value: str, megabytes: str, ready=lambda: None) -> None:
     """A checkpoint of `megabytes` 1 MB tensors, every entry `value`, written the way train.py writes it."""
-    from persona_lit.checkpoint import AtomicCheckpointIO, save_checkpoint
+    from persona_lit.training.checkpoint import AtomicCheckpointIO, save_checkpoint
 
     tensors = {f"w{i}": torch.full((1 << 18,), float(value)) for i in range(int(megabytes))}
     ready()
@@ -107,7 +107,7 @@ def _kill_mid_write(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], f
 
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
-    from persona_lit.checkpoint import read_checkpoint
+    from persona_lit.training.checkpoint import read_checkpoint
 
     megabytes = 96
     paths = {"ckpt": tmp_path / "ckpt" / "last.ckpt", "final": tmp_path / "final" / "final.safetensors"}

@@ -437,9 +437,9 @@ def test_adapter_pickled_weights(tmp_path, trap):
 @pytest.fixture(scope="module")
 def lora_ckpt(tmp_path_factory):
     """A final.safetensors of tiny-llama (random init) + LoRA, as train.py writes it; and what it was made of."""
-    from persona_lit.backbones import load_backbone
+    from persona_lit.models.backbones import load_backbone
     from persona_lit.build import attach_mechanism, plain
-    from persona_lit.checkpoint import save_checkpoint, trainable_state
+    from persona_lit.training.checkpoint import save_checkpoint, trainable_state
     from persona_lit.personas.load import load_persona, persona_to_dict
 
     model_cfg = OmegaConf.load(CONF / "model" / "tiny-llama.yaml")
@@ -466,7 +466,7 @@ def test_checkpoint_of_another_model(lora_ckpt):
 
 def test_checkpoint_of_another_mechanism(tmp_path, lora_ckpt):
     from persona_lit.build import restore
-    from persona_lit.checkpoint import save_checkpoint
+    from persona_lit.training.checkpoint import save_checkpoint
 
     _, tensors, config, fp = lora_ckpt
     path = save_checkpoint(tmp_path / "final.safetensors", tensors, {**config, "mechanism": {"name": "none"}}, fp)
@@ -475,7 +475,7 @@ def test_checkpoint_of_another_mechanism(tmp_path, lora_ckpt):
 
 
 def test_checkpoint_pickle_is_never_unpickled(tmp_path, trap):
-    from persona_lit.checkpoint import read_checkpoint
+    from persona_lit.training.checkpoint import read_checkpoint
 
     write, _ = trap
     path = write(tmp_path / "final.safetensors")
@@ -674,7 +674,7 @@ def test_out_dir_with_results(tmp_path):
 
 
 def test_evaluate_out_dir_with_results(tmp_path):
-    from persona_lit.evaluation import evaluate
+    from persona_lit.evaluation.runner import evaluate
 
     out = tmp_path / "out"
     out.mkdir()

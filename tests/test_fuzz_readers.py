@@ -282,7 +282,7 @@ def test_peft_adapter_directory(work, config, weights):
                               metadata({"persona_lit": {"version": "1", "fingerprint": "abc",
                                                         "config": {"model": {}, "mechanism": {}, "persona": {}}}})))
 def test_checkpoint_file(work, data):
-    from persona_lit.checkpoint import read_checkpoint
+    from persona_lit.training.checkpoint import read_checkpoint
 
     path = work / "final.safetensors"
     path.write_bytes(data)
@@ -399,7 +399,7 @@ COMPARED = {"run": {"mechanism": "lyra", "model": "tiny-llama", "persona": "Cato
 def test_compare_results(work, data):
     import shutil
 
-    from persona_lit.compare import compare_runs
+    from persona_lit.evaluation.compare import compare_runs
 
     good, fuzzed, out = work / "cmp_good", work / "cmp_fuzzed", work / "cmp_out"
     for d in (good, fuzzed):

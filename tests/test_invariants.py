@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_lit.build import attach_mechanism
-from persona_lit.checkpoint import load_trainable, read_checkpoint, save_checkpoint, trainable_state
+from persona_lit.training.checkpoint import load_trainable, read_checkpoint, save_checkpoint, trainable_state
 from tests.conftest import sample_batch
 
 MODELS = ["tiny-llama", "tiny-gemma3"]

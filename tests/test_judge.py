@@ -6,9 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from persona_lit.drift import run_protocol, summarize
+from persona_lit.evaluation.protocol import run_protocol, summarize
 from persona_lit.errors import UserError
-from persona_lit.judge import Judge, judge_arm
+from persona_lit.evaluation.judge import Judge, judge_arm
 from tests.conftest import run_cli
 from tests.test_drift import PERSONA, PROBE_TURNS, ScriptedRunner
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from persona_lit.conversation import roll_back, rollback_point
+from persona_lit.evaluation.conversation import roll_back, rollback_point
 from persona_lit.models.kv_cache import GrowingLayer, growing_cache
 
 CHUNKS = [20, 1, 1, 7, 1, 260, 1, 1, 3, 1]  # 296 slots: the 276-slot first buffer is outgrown once

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.lyra import load_persona_ids
 from persona_lit.personas.load import load_persona
@@ -221,7 +221,7 @@ def test_fresh_persona_distillation_is_zero_on_turn_one_and_positive_later(backb
     """The teacher of turn k sees [persona ; turn k]. Lyra on turn 1 is that view exactly (KL ~ 0); on a
     later turn the base model with history differs from it."""
     from persona_lit.data import Collator
-    from persona_lit.distill import fresh_persona_kl
+    from persona_lit.training.distill import fresh_persona_kl
 
     bb = backbone_factory("tiny-llama")
     model, mech = lyra(bb, layers=[0, 1, 2, 3])  # every layer Lyra: the student *is* the fresh view
@@ -340,7 +340,7 @@ def test_history_window_keys_are_rerotated_to_sit_right_after_the_persona(backbo
 def test_frozen_original_moves_with_the_model_and_stays_out_of_checkpoints(backbone_factory):
     """train_layers keeps the original attention for disabled(): registered (so .to(dtype) reaches it), but as
     non-persistent buffers: not a parameter, not in the state dict, not in the exported checkpoint."""
-    from persona_lit.checkpoint import trainable_state
+    from persona_lit.training.checkpoint import trainable_state
 
     base, bb = backbone_factory("tiny-llama"), backbone_factory("tiny-llama")
     model, mech = lyra(bb, train_layers=True)
@@ -406,7 +406,7 @@ def test_fresh_persona_teacher_view_is_a_conversation_that_starts_at_turn_k(back
     """The teacher of turn k reads exactly the ids of [persona ; turn k] encoded as a conversation of its own:
     on Gemma (no system role, the persona opens the first user turn) with one user header, not two."""
     from persona_lit.data import Collator
-    from persona_lit.distill import fresh_persona_views
+    from persona_lit.training.distill import fresh_persona_views
 
     chat = backbone_factory(name).chat
     system = {"role": "system", "content": load_persona("stoic").system_prompt}

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
-from persona_lit.backbones import decoder_layers, load_backbone
+from persona_lit.models.backbones import decoder_layers, load_backbone
 from persona_lit.build import attach_mechanism
 from persona_lit.errors import UserError
 from persona_lit.steering.persistence import (Decoding, centre, continue_ids, curve, format_half_life, half_life,

@@ -151,7 +151,7 @@ def test_a_checkpoint_trained_on_the_pool_keeps_its_split(small_pool, tmp_path):
 def test_evaluate_test_split_runs_only_test_personas(tmp_path):
     """In-process: hydra compose (the CLI check's) + evaluate on tiny-llama, 2 test personas of role and li2024."""
     from persona_lit.config.check import check_cli
-    from persona_lit.evaluation import evaluate
+    from persona_lit.evaluation.runner import evaluate
 
     out = tmp_path / "eval"
     cfg = check_cli(["personas=test_split", "model=tiny-llama", "pool.sources=[role,li2024]", "pool.max_personas=2",
@@ -172,7 +172,7 @@ def test_evaluate_test_split_runs_only_test_personas(tmp_path):
 
 
 def test_context_limit_warns_and_stops_at_the_last_turn_that_fits(backbone_factory):
-    from persona_lit.conversation import ConversationRunner
+    from persona_lit.evaluation.conversation import ConversationRunner
     from persona_lit.personas.load import persona_from_dict
 
     limit = 160

@@ -10,10 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.data.dialogues import IGNORE
 from persona_lit.build import attach_mechanism
-from persona_lit.distill import fresh_persona_kl, fresh_persona_views
+from persona_lit.training.distill import fresh_persona_kl, fresh_persona_views
 from persona_lit.personas.load import load_persona
 from persona_lit.personas.pool import load_pool
 from persona_lit.personas.split import SPLIT_FILE

@@ -19,10 +19,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism, is_quantized, plain, restore
-from persona_lit.checkpoint import load_trainable, read_checkpoint, save_checkpoint, trainable_state
-from persona_lit.conversation import ConversationRunner
+from persona_lit.training.checkpoint import load_trainable, read_checkpoint, save_checkpoint, trainable_state
+from persona_lit.evaluation.conversation import ConversationRunner
 from persona_lit.data.dialogues import IGNORE, Collator
 from persona_lit.errors import UserError
 from persona_lit.personas.load import load_persona

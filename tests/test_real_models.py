@@ -53,7 +53,7 @@ def test_gemma3_270m_zero_lora_is_the_base_model(backbone_factory):
 def test_smollm2_cached_transcript_equals_reencoding_and_batched_rows_equal_alone(backbone_factory):
     """The runner's reused cache against re-encoding the full history each turn (greedy, token for
     token), and two conversations as one padded batch against each alone, on the real SmolLM2."""
-    from persona_lit.conversation import Conversation, ConversationRunner
+    from persona_lit.evaluation.conversation import Conversation, ConversationRunner
     from persona_lit.mechanisms.none import NoMechanism
     from tests.test_conversation import TURNS, naive_transcript
 

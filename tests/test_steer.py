@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.personas.load import load_persona
 from persona_lit.steering.vectors import Direction, block_hooks, load_direction
@@ -227,9 +227,9 @@ def test_train_vector_trains_only_steer_delta_and_the_checkpoint_reproduces_it(b
     import lightning as L
 
     from persona_lit.build import restore
-    from persona_lit.callbacks import ExportCheckpoint
+    from persona_lit.training.callbacks import ExportCheckpoint
     from persona_lit.data import PersonaDialogueDataModule
-    from persona_lit.module import PersonaLitModule
+    from persona_lit.training.module import PersonaLitModule
     from persona_lit.personas.load import persona_to_dict
 
     bb = backbone_factory("tiny-llama")
@@ -350,7 +350,7 @@ def test_scored_answers_are_steered_as_responses(backbone_factory, tmp_path, nam
     """Probe margins and the capability cost score fixed answers in one forward: with positions=response the
     answer tokens are steered (as when generated) and the prompt is not; checked against one full forward of
     the whole sequence with that mask."""
-    from persona_lit.probing import ScoreItem
+    from persona_lit.evaluation.probing import ScoreItem
 
     bb = backbone_factory(name)
     model, mech = steer(bb, direction_file(bb, tmp_path / "d.safetensors"), layers=[1], alpha=4.0,

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from persona_lit.errors import UserError
-from persona_lit.evaluation import evaluate
+from persona_lit.evaluation.runner import evaluate
 from persona_lit.steering.sweep import recommend
 from tests.conftest import REPO
 from tests.test_steer import direction_file

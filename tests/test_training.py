@@ -47,9 +47,9 @@ def test_restored_checkpoint_reproduces_the_trained_module(backbone_factory, tmp
     from omegaconf import OmegaConf
 
     from persona_lit.build import attach_mechanism, restore
-    from persona_lit.callbacks import ExportCheckpoint
+    from persona_lit.training.callbacks import ExportCheckpoint
     from persona_lit.data import PersonaDialogueDataModule
-    from persona_lit.module import PersonaLitModule
+    from persona_lit.training.module import PersonaLitModule
     from persona_lit.personas.load import load_persona, persona_to_dict
     from tests.conftest import model_cfg, sample_batch
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.mechanisms.triplet import default_layers
 from persona_lit.personas.load import load_persona
 from tests.conftest import sample_batch
@@ -264,9 +264,9 @@ def test_lightning_training_moves_the_gate_and_the_checkpoint_restores(backbone_
     import lightning as L
 
     from persona_lit.build import restore
-    from persona_lit.callbacks import ExportCheckpoint
+    from persona_lit.training.callbacks import ExportCheckpoint
     from persona_lit.data import PersonaDialogueDataModule
-    from persona_lit.module import PersonaLitModule
+    from persona_lit.training.module import PersonaLitModule
     from persona_lit.personas.load import persona_to_dict
     from tests.conftest import model_cfg
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from persona_lit.build import attach_mechanism, plain
-from persona_lit.checkpoint import save_checkpoint, trainable_state
+from persona_lit.training.checkpoint import save_checkpoint, trainable_state
 from persona_lit.errors import UserError
 from persona_lit.personas.load import load_persona, persona_to_dict
 from persona_lit.steering.weight_diff import FORMAT, save_delta

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from persona_lit.build import attach_mechanism
-from persona_lit.conversation import ConversationRunner
+from persona_lit.evaluation.conversation import ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.personas.load import load_persona
 from persona_lit.steering.weight_diff import build_delta, load_delta, merged_delta, random_like, save_delta

@@ -24,7 +24,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from persona_lit.chat import ChatTokenizer
+from persona_lit.models.chat import ChatTokenizer
 from persona_lit.data import cache
 from persona_lit.data.dialogues import PersonaDialogueDataModule
 from persona_lit.errors import UserError
@@ -127,7 +127,7 @@ class ContrastiveDataModule(PersonaDialogueDataModule):
         """Every (side, instruction, question, answer) record: from the cache, or generated and cached."""
         if self._model is None:
             raise RuntimeError("ContrastiveDataModule.bind_model(model, mechanism.disabled) must come before setup")
-        from persona_lit.backbones import fingerprint
+        from persona_lit.models.backbones import fingerprint
 
         settings = self.settings(fingerprint(self._model))
         path = self._cache_file(settings)

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from persona_lit.chat import ChatTokenizer
+from persona_lit.models.chat import ChatTokenizer
 from persona_lit.data.readers import read_dialogues
 from persona_lit.errors import UserError
 from persona_lit.personas.types import Persona

@@ -36,7 +36,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from persona_lit.chat import ChatTokenizer
+from persona_lit.models.chat import ChatTokenizer
 from persona_lit.data import cache
 from persona_lit.data.dialogues import PersonaDialogueDataModule
 from persona_lit.errors import UserError
@@ -167,7 +167,7 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
         """One record per plan, {"persona", "system", "turns": [[question, answer], ...]}: cached or generated."""
         if self._model is None:
             raise RuntimeError("PersonaPoolDataModule.bind_model(model, mechanism.disabled) must come before setup")
-        from persona_lit.backbones import fingerprint
+        from persona_lit.models.backbones import fingerprint
 
         settings = self.settings(fingerprint(self._model), plans)
         self.cache_path = path = cache.cache_path(self.cache_dir, "pool", settings)

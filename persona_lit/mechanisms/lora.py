@@ -7,7 +7,7 @@ from typing import ContextManager
 
 from torch import nn
 
-from persona_lit.backbones import decoder_layers
+from persona_lit.models.backbones import decoder_layers
 from persona_lit.mechanisms.base import Mechanism
 
 

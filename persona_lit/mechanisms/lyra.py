@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from persona_lit.backbones import decoder_layers, global_layers, layer_types
+from persona_lit.models.backbones import decoder_layers, global_layers, layer_types
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.mechanisms.lyra_segments import SegmentCache, Segments, last_real, rotate

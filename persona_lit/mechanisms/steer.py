@@ -33,7 +33,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from persona_lit.backbones import decoder_layers, fingerprint, layer_types
+from persona_lit.models.backbones import decoder_layers, fingerprint, layer_types
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.steering.vectors import block_output, load_direction, with_block_output

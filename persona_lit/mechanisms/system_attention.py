@@ -3,8 +3,8 @@ attention gets to reweight them.
 
 System-prompt keys. In a conversation (conversation.py) the persona segment is what the runner feeds after
 begin_conversation() and before the first begin_turn(): BOS and the system message, or on Gemma-3 the opened first
-user turn holding the system prompt (chat.py persona_ids; the model's default system prompt when there is no
-persona). In a training batch it is `segment_ids == 0` (chat.py encode_segments). Left out of both: each row's
+user turn holding the system prompt (models/chat.py persona_ids; the model's default system prompt when there is no
+persona). In a training batch it is `segment_ids == 0` (models/chat.py encode_segments). Left out of both: each row's
 first real token (BOS, or ChatML's first `<|im_start|>`), the attention sink every sequence starts with, which is
 not part of the instruction (InstABoost's reference code boosts the instruction's own tokens only). A forward
 pre-hook on the model keeps one flag per slot of the model's KV cache ([rows, slots]: a real system-prompt token or
@@ -29,7 +29,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from persona_lit.backbones import decoder_layers
+from persona_lit.models.backbones import decoder_layers
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 

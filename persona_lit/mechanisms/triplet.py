@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from persona_lit.backbones import decoder_layers
+from persona_lit.models.backbones import decoder_layers
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 

@@ -70,7 +70,7 @@ class WeightSteerMechanism(Mechanism):
     # attach ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)  # nothing trains
-        from persona_lit.backbones import fingerprint
+        from persona_lit.models.backbones import fingerprint
 
         delta: dict[str, torch.Tensor] = {}
         for i, (path, weight) in enumerate(zip(self.paths, self.weights)):

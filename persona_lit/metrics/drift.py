@@ -30,7 +30,7 @@ Multi-process use: the states are lists of rows (group, conversation, turn index
 concatenation, so a synced compute() sees every rank's conversations, provided conversation ids are global.
 compute() orders the rows by (turn, group, conversation) before resampling, so the interval does not depend on
 which rank held what. The drift protocol computes them on one process over the complete list of records and
-constructs them with sync_on_compute=False (see persona_lit.drift.LOCAL): no collective a lone rank could wait in.
+constructs them with sync_on_compute=False (see persona_lit.evaluation.protocol.LOCAL): no collective a lone rank could wait in.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""The backbone side of persona_lit: what wraps or extends transformers' models (kv_cache.py: the runner's cache)."""
+"""The backbone side of persona_lit: loading models (backbones.py), chat templates and tokenization (chat.py), and
+the conversation runner's in-place KV cache (kv_cache.py)."""

@@ -179,7 +179,7 @@ def _run_dir_and_config(ckpt: str) -> tuple[Path, dict[str, Any]]:
     """The training run directory of a checkpoint and its config (metadata only: no tensors are read)."""
     from safetensors import safe_open
 
-    from persona_lit.checkpoint import resolve_checkpoint_path
+    from persona_lit.training.checkpoint import resolve_checkpoint_path
 
     path = resolve_checkpoint_path(ckpt)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import torch
 
-from persona_lit.backbones import Backbone, decoder_layers, input_device, layer_types, load_backbone
-from persona_lit.chat import ChatTokenizer
-from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.models.backbones import Backbone, decoder_layers, input_device, layer_types, load_backbone
+from persona_lit.models.chat import ChatTokenizer
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.steering.sources import Source, parse_sources
 from persona_lit.steering.vectors import Direction, block_hooks, load_direction

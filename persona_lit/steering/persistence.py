@@ -43,8 +43,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from persona_lit.backbones import decoder_layers, layer_types
-from persona_lit.conversation import Conversation, ConversationRunner
+from persona_lit.models.backbones import decoder_layers, layer_types
+from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.metrics.drift import unit_interval
 from persona_lit.steering.vectors import block_output
 

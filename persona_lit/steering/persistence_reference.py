@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from persona_lit.backbones import input_device
+from persona_lit.models.backbones import input_device
 from persona_lit.steering.persistence import ArmTrace, Decoding, Sampler, continue_ids
 from persona_lit.steering.vectors import block_hooks
 

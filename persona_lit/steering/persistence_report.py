@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from persona_lit.loggers import make_logger  # noqa: E402
+from persona_lit.training.loggers import make_logger  # noqa: E402
 from persona_lit.metrics.drift import unit_interval  # noqa: E402
 from persona_lit.outputs import staged_dir  # noqa: E402
 from persona_lit.steering.persistence import (ArmTrace, centre, curve, format_half_life, half_life,  # noqa: E402

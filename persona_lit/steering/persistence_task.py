@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from persona_lit.backbones import decoder_layers, load_backbone
+from persona_lit.models.backbones import decoder_layers, load_backbone
 from persona_lit.build import attach_mechanism, place, plain, resolve_device, resolve_precision
 from persona_lit.data.readers import default_mt_bench_path, read_jsonl
 from persona_lit.errors import UserError

@@ -1,7 +1,7 @@
 """`task=steer_sweep`: guidance on steering strength. The drift protocol runs once per alpha with mechanism=steer
 (activation steering) or mechanism=weight_steer (W + alpha·ΔW; its control=random too), the attached mechanism's
 alpha changed in place (one model load), and each alpha's adherence is set against its capability cost (KL to
-the base model), per probe turn with the intervals of persona_lit.drift.summarize. Several sweeps side by side:
+the base model), per probe turn with the intervals of persona_lit.evaluation.protocol.summarize. Several sweeps side by side:
 task=sweep_compare (steering/sweep_compare.py).
 
 The steered arm: by default (task.system_prompt=false) the persona's probes with no system prompt, so the
@@ -29,9 +29,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from persona_lit.drift import merge, run_personas, summarize
+from persona_lit.evaluation.protocol import merge, run_personas, summarize
 from persona_lit.errors import UserError
-from persona_lit.evaluation import drift_inputs, drift_placement, drift_setup
+from persona_lit.evaluation.runner import drift_inputs, drift_placement, drift_setup
 from persona_lit.outputs import staged_dir
 
 KL = "capability/kl_to_base"

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torch import nn
 
-from persona_lit.backbones import decoder_layers
+from persona_lit.models.backbones import decoder_layers
 from persona_lit.errors import UserError
 from persona_lit.outputs import staged_file
 

@@ -139,7 +139,7 @@ def build_delta(pos: str | Path, neg: str | Path, model: nn.Module,
     if unmatched or not delta:
         raise UserError(f"{keys[0]}={pos}: {len(unmatched)} of {len(dpos)} adapter modules match no parameter of "
                         f"this model (e.g. {unmatched[0]}); allowed: adapters trained on this base model (model=...)")
-    from persona_lit.backbones import fingerprint
+    from persona_lit.models.backbones import fingerprint
 
     meta = {"format": FORMAT, "pos": str(pos), "neg": str(neg), "base_model": str(bpos or ""),
             "fingerprint": fingerprint(model), "modules": str(len(delta)),
@@ -205,7 +205,7 @@ def merged_delta(model: nn.Module, delta: dict[str, torch.Tensor], alpha: float)
 def run_task(cfg: Any) -> Path:
     """evaluate.py task=weight_diff task.pos=<adapter dir> task.neg=<adapter dir>: out_dir/delta.safetensors
     and out_dir/delta.json (modules, norms, scales)."""
-    from persona_lit.backbones import load_backbone
+    from persona_lit.models.backbones import load_backbone
     from persona_lit.outputs import staged_dir
 
     t = cfg.task

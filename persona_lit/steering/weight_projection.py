@@ -190,7 +190,7 @@ def run_task(cfg: Any) -> Path:
     if evals and len(evals) != len(ckpts):
         raise UserError(f"task.evals: {len(evals)} evaluations for {len(ckpts)} checkpoints; give one per checkpoint")
     delta, meta = load_delta(str(t.delta), key="task.delta")
-    from persona_lit.backbones import load_backbone
+    from persona_lit.models.backbones import load_backbone
     from persona_lit.build import plain
 
     labels = list(t.labels) if t.labels else [str(c) for c in ckpts]
@@ -198,7 +198,7 @@ def run_task(cfg: Any) -> Path:
         raise UserError(f"task.labels: {len(labels)} labels for {len(ckpts)} checkpoints")
     behaviours = [behaviour(e, str(t.metric), int(t.turn), i) for i, e in enumerate(evals)]  # fail before loading
     base_model = load_backbone(cfg.model).model
-    from persona_lit.backbones import fingerprint
+    from persona_lit.models.backbones import fingerprint
 
     fp = fingerprint(base_model)
     if meta.get("fingerprint") and meta["fingerprint"] != fp:

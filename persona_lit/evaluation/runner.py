@@ -9,19 +9,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from persona_lit.backbones import decoder_layers, load_backbone
+from persona_lit.models.backbones import decoder_layers, load_backbone
 from persona_lit.build import (attach_mechanism, place, plain, require_writable, resolve_device, resolve_persona,
                                resolve_precision, restore)
-from persona_lit.conversation import ConversationRunner
-from persona_lit.drift import merge, run_personas, summarize
+from persona_lit.evaluation.conversation import ConversationRunner
+from persona_lit.evaluation.protocol import merge, run_personas, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges
 from persona_lit.errors import UserError
-from persona_lit.evaluation_dist import launch, resolve_placement
-from persona_lit.judge import Judge, check_judge, judge_arm
-from persona_lit.loggers import make_logger
+from persona_lit.evaluation.distributed import launch, resolve_placement
+from persona_lit.evaluation.judge import Judge, check_judge, judge_arm
+from persona_lit.training.loggers import make_logger
 from persona_lit.outputs import staged_dir
-from persona_lit.compare import compare_runs
-from persona_lit.report import write_report
+from persona_lit.evaluation.compare import compare_runs
+from persona_lit.evaluation.report import write_report
 from persona_lit.steering.directions import projection_axis
 
 

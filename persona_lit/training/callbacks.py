@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from persona_lit.checkpoint import FINAL_NAME, save_checkpoint, trainable_state
+from persona_lit.training.checkpoint import FINAL_NAME, save_checkpoint, trainable_state
 from persona_lit.errors import UserError
 from persona_lit.outputs import _umask
 
@@ -121,7 +121,7 @@ class DriftCallback(L.Callback):
     `baseline=True` adds the baseline arm (the persona as system prompt, mechanism disabled) at twice the cost.
 
     Under DDP it runs on rank 0 alone (the other ranks wait for it in their next collective): the protocol's
-    metrics are computed rank-locally (persona_lit.drift.LOCAL, no sync on compute), so rank 0 never enters
+    metrics are computed rank-locally (persona_lit.evaluation.protocol.LOCAL, no sync on compute), so rank 0 never enters
     a collective the other ranks do not join."""
 
     def __init__(self, chat, persona, every_n_val_epochs: int = 1, turns: int = 4, probe_turns=(0, 4),
@@ -136,9 +136,9 @@ class DriftCallback(L.Callback):
         self._epochs += 1
         if self._epochs % self.every or not trainer.is_global_zero:
             return
-        from persona_lit.conversation import ConversationRunner
+        from persona_lit.evaluation.conversation import ConversationRunner
         from persona_lit.data import read_mt_bench, turn_stream
-        from persona_lit.drift import run_protocol, summarize
+        from persona_lit.evaluation.protocol import run_protocol, summarize
 
         stream = turn_stream(read_mt_bench(self.mt_bench_path), self.turns, self.seed, ["roleplay"])
         runner = ConversationRunner(pl_module.model, self.chat, pl_module.mechanism, self.max_new_tokens,

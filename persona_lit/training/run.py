@@ -12,13 +12,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from persona_lit.backbones import load_backbone
+from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, resolve_persona, run_config
-from persona_lit.callbacks import DriftCallback, ExportCheckpoint, StopOnNonFiniteLoss, ThroughputMonitor
-from persona_lit.checkpoint import AtomicCheckpointIO
+from persona_lit.training.callbacks import DriftCallback, ExportCheckpoint, StopOnNonFiniteLoss, ThroughputMonitor
+from persona_lit.training.checkpoint import AtomicCheckpointIO
 from persona_lit.errors import UserError
-from persona_lit.loggers import make_logger
-from persona_lit.module import PersonaLitModule
+from persona_lit.training.loggers import make_logger
+from persona_lit.training.module import PersonaLitModule
 
 
 def _resume_path(ckpt_path: str | None) -> str | None:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from persona_lit.checkpoint import load_trainable
+from persona_lit.training.checkpoint import load_trainable
 from persona_lit.data.dialogues import IGNORE
-from persona_lit.distill import fresh_persona_kl
+from persona_lit.training.distill import fresh_persona_kl
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
 
@@ -90,7 +90,7 @@ class PersonaLitModule(L.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        from persona_lit.backbones import decoder_layers
+        from persona_lit.models.backbones import decoder_layers
 
         dp = mesh["data_parallel"]
         for layer in decoder_layers(self.model):

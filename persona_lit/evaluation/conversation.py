@@ -23,12 +23,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from persona_lit.backbones import input_device
-from persona_lit.chat import ChatTokenizer
+from persona_lit.models.backbones import input_device
+from persona_lit.models.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.models.kv_cache import GrowingLayer, growing_cache
 from persona_lit.personas.types import Persona, Probe
-from persona_lit.probing import Probing, ProbeResult, per_row_probes
+from persona_lit.evaluation.probing import Probing, ProbeResult, per_row_probes
 
 
 _NO_CACHE = ("none",)

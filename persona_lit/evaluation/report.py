@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from persona_lit.conversation import TurnRecord  # noqa: E402
+from persona_lit.evaluation.conversation import TurnRecord  # noqa: E402
 
 
 def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from persona_lit.conversation import ConversationRunner, TurnRecord
+from persona_lit.evaluation.conversation import ConversationRunner, TurnRecord
 from persona_lit.metrics import PerTurnMean, ProbeAdherence, persona_projection
 from persona_lit.personas.types import Persona
 from persona_lit.steering.vectors import Direction

