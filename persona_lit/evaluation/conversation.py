@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from persona_lit.models.backbones import input_device
 from persona_lit.models.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
-from persona_lit.models.kv_cache import GrowingLayer, growing_cache
 from persona_lit.personas.types import Persona, Probe
 from persona_lit.evaluation.probing import Probing, ProbeResult, per_row_probes
 
@@ -44,7 +43,7 @@ def rollback_point(cache: Any) -> list[tuple] | tuple:
 
     point = []
     for layer in cache.layers:
-        if type(layer) in (DynamicLayer, GrowingLayer):
+        if type(layer) is DynamicLayer:
             point.append(("crop", layer.get_seq_length()))
         elif type(layer) is DynamicSlidingWindowLayer:
             point.append(("keep", layer.keys, layer.values, layer.cumulative_length, layer.is_initialized))
@@ -174,8 +173,6 @@ class ConversationRunner(Probing):
             return None
         mask = conv.mask.to(self.device)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]
-        if conv.cache is None:  # written in place, not re-concatenated every token (models/kv_cache.py)
-            conv.cache = growing_cache(self.model.config)
         out = self.model(input_ids=conv.tokens[:, start:].to(self.device), attention_mask=mask.long(),
                          position_ids=positions, past_key_values=conv.cache, use_cache=True, **kwargs)
         conv.cache = out.past_key_values

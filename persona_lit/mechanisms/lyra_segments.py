@@ -17,7 +17,6 @@ import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from persona_lit.errors import UserError
-from persona_lit.models.kv_cache import GrowingLayer
 
 
 @dataclass
@@ -102,7 +101,7 @@ class SegmentCache:
         if self.real_cache is not None:
             self.real_cache.update(k[..., :0], v[..., :0], layer_idx, *args, **kwargs)
             layer = self.real_cache.layers[layer_idx]
-            if type(layer) in (DynamicLayer, GrowingLayer):
+            if type(layer) is DynamicLayer:
                 layer.__class__ = LyraCacheLayer  # same fields; only the length it reports differs
             elif not isinstance(layer, (LyraCacheLayer, DynamicSlidingWindowLayer)):  # the latter counts itself
                 raise UserError(f"mechanism=lyra: the model's cache uses {type(layer).__name__} layers; Lyra "

@@ -1,2 +1,1 @@
-"""The backbone side of persona_lit: loading models (backbones.py), chat templates and tokenization (chat.py), and
-the conversation runner's in-place KV cache (kv_cache.py)."""
+"""The backbone side of persona_lit: loading models (backbones.py) and chat templates and tokenization (chat.py)."""
