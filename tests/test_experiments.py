@@ -98,6 +98,7 @@ DIRECTIONS = "outputs/directions/smollm2"
 LYRA_RUN = "outputs/train/lyra/lyra_trained_smollm2"
 TRIPLET_RUN = "outputs/train/triplet/triplet_trained_smollm2"
 POOL_RUN = "outputs/train/lyra/lyra_pool_smollm2"
+LONGPOOL_RUN = "outputs/train/lyra/lyra_longpool_smollm2"
 
 
 def out(name: str) -> str:
@@ -137,8 +138,13 @@ EXPECTED = {
                                                 "control=false") + [out("pool_repeat_smollm2")],
     "pool_repeat_smollm2_long": lambda: code_command('turns=48 "probe_turns=[0,1,16,32,48]" '
                                                      "conversations=2 control=false") + [out("pool_repeat_smollm2_long")],
-    "lyra_pool_smollm2": lambda: code_command("mechanism=lyra mechanism.options.train_layers=true data=persona_pool")
+    "lyra_pool_smollm2": lambda: code_command("mechanism.options.train_layers=true data=persona_pool data.max_personas=32")
     + [f"hydra.run.dir={POOL_RUN}"],
+    "lyra_longpool_smollm2": lambda: code_command("data=persona_pool data.max_personas=64")
+    + [f"hydra.run.dir={LONGPOOL_RUN}"],
+    "lyra_longpool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL_RUN)
+                                           for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
+    + [out("lyra_longpool_smollm2_long")],
     **{f"{m}_pool_smollm2": (lambda m=m: code_command(f"mechanism={m} data=persona_pool")
                              + [f"hydra.run.dir=outputs/train/{m}/{m}_pool_smollm2"]) for m in ("triplet", "lora")},
     **{f"{m}_pool_smollm2_eval": (lambda m=m: [a.replace(f"outputs/train/{m}/<run>", f"outputs/train/{m}/{m}_pool_smollm2")
@@ -180,6 +186,8 @@ TABLES = {
          "triplet_pool_smollm2", "triplet_pool_smollm2_eval", "lora_pool_smollm2", "lora_pool_smollm2_eval"],
     "| turn (history tokens) | 0 (38) | 1 (334) | 16 (2,017) | 32 (3,836) | 48 (5,342) |":
         ["lyra_pool_smollm2", "lyra_pool_smollm2_long", "pool_repeat_smollm2_long"],
+    "| turn (history tokens), Lyra trained on 16-turn conversations |":
+        ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
