@@ -159,7 +159,11 @@ EXPECTED = {
                                                              "pool.max_personas=4 turns=48")]
     + [out("lyra_pool_smollm2_long")],
     "lyra_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", POOL_RUN)
-                                        for a in code_command("pool.max_personas=2")] + [out("lyra_pool_smollm2_bleed")],
+                                        for a in code_command("personas=test_split pool.max_personas=2")]
+    + [out("lyra_pool_smollm2_bleed")],
+    "lyra_longpool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL_RUN)
+                                            for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
+    + [out("lyra_longpool_smollm2_bleed")],
     # the training-free baselines through the drift table's protocol (no measured row yet)
     **{f"{m}_smollm2": (lambda m=m: drift_table(f"mechanism={m}", "control=false", "baseline=false",
                                                 out(f"{m}_smollm2")))
@@ -190,7 +194,8 @@ TABLES = {
         ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
-PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"]}
+PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
+         "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2"]
