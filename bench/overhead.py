@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,8 +88,14 @@ def model_config(args) -> OmegaConf:
     return cfg
 
 
-def mechanism_options(name: str, bb, tmp: Path) -> dict:
+def mechanism_options(name: str, bb, tmp: Path, overrides: list[str] = ()) -> dict:
+    """conf/mechanism/NAME.yaml's options, then `--option NAME.KEY=VALUE` overrides (VALUE read as YAML)."""
     opts = OmegaConf.to_container(OmegaConf.load(CONF / "mechanism" / f"{name}.yaml"))["options"] or {}
+    for item in overrides:
+        mech, _, rest = item.partition(".")
+        key, _, value = rest.partition("=")
+        if mech == name:
+            opts[key] = yaml.safe_load(value)
     if name == "steer":
         layers, hidden = len(decoder_layers(bb.model)), bb.model.config.hidden_size
         g = torch.Generator().manual_seed(1)
@@ -182,12 +190,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--mt-bench", default=None)
+    ap.add_argument("--option", action="append", default=[], metavar="MECH.KEY=VALUE",
+                    help="override a mechanism option, e.g. --option 'lyra.layers=[2,5,8,11,14,17,20,23,26,29]'")
     args = ap.parse_args()
     global MT_BENCH
     MT_BENCH = args.mt_bench
     names = [m for m in args.mechanisms.split(",") if m]
     if names[0] != "none" or any(m not in MECHANISMS for m in names):
         sys.exit(f"error: --mechanisms must start with none and name some of {','.join(MECHANISMS)}")
+    bad = [o for o in args.option if not re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", o)
+           or o.split(".")[0] not in names]
+    if bad:
+        sys.exit(f"error: --option {bad[0]!r}: expected MECH.KEY=VALUE with MECH one of --mechanisms ({','.join(names)})")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cfg = model_config(args)
     base = load_backbone(cfg)
@@ -196,7 +210,7 @@ def main() -> None:
     arms = {}
     for name in names:  # each arm: its own copy of the base weights, the mechanism attached
         bb = copy.deepcopy(base)
-        model, mech = attach_mechanism(bb, OmegaConf.create({"name": name, "options": mechanism_options(name, bb, tmp)}))
+        model, mech = attach_mechanism(bb, OmegaConf.create({"name": name, "options": mechanism_options(name, bb, tmp, args.option)}))
         model = model.to(device=device, dtype=dtype)
         runner = ConversationRunner(model.eval(), bb.chat, mech, max_new_tokens=args.new_tokens)
         arms[name] = (model, mech, runner)
@@ -244,7 +258,7 @@ def main() -> None:
             "torch": torch.__version__, "model": args.model + (f" ({args.shape} shape, random init)" if args.shape else ""),
             "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len, "turns": args.turns,
             "history_tokens_at_turn": hist_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "options": args.option}
     print(f"{meta['date']} {meta['device']}, {meta['model']}, {args.dtype}, batch {args.batch}, seq {args.seq_len}, "
           f"turn {args.turns} = {hist_tokens} history tokens, {args.new_tokens} new tokens, median of {args.repeats}")
     head = f"{'mechanism':14}" + "".join(f"{k:>18}" for k in kinds) + f"{'decode tok/s':>14}" + (
