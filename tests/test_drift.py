@@ -333,3 +333,13 @@ def test_capability_kl_above_the_baseline_is_paired_and_reported_as_worse(tmp_pa
         rows = [line for line in versus_baseline({"run": {"mechanism": "scripted"}, "metrics": metrics})
                 if line.startswith("| capability/kl_to_base | 2 |")]
         assert len(rows) == 1 and rows[0].endswith(f"| {verdict} |")
+
+
+def test_a_narrow_interval_is_never_printed_zero_width():
+    """A real but narrow interval (seen: KL 0.08755-0.08788) gets the digits that tell its ends apart."""
+    from persona_lit.evaluation.report import interval_cell
+
+    m = {"n": [2, 2, 4], "ci_low": [0.0875486, 0.10, None], "ci_high": [0.0878752, 0.30, None]}
+    assert interval_cell(m, 0) == "[0.0875, 0.0879]"
+    assert interval_cell(m, 1) == "[0.100, 0.300]"
+    assert interval_cell(m, 2) == "n=4, all equal: no interval"

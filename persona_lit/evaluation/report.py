@@ -84,7 +84,9 @@ def interval_cell(m: dict[str, Any], i: int) -> str:
     n, low, high = int(m["n"][i]), m["ci_low"][i], m["ci_high"][i]
     if low is None or high is None:
         return "no data" if n == 0 else "n=1: no interval" if n == 1 else f"n={n}, all equal: no interval"
-    return f"[{low:.3f}, {high:.3f}]" + (" (Wilson)" if m.get("interval", [None] * (i + 1))[i] == "wilson" else "")
+    digits = next((d for d in range(3, 9) if f"{low:.{d}f}" != f"{high:.{d}f}"), 9)  # never shown zero-width
+    return f"[{low:.{digits}f}, {high:.{digits}f}]" + (
+        " (Wilson)" if m.get("interval", [None] * (i + 1))[i] == "wilson" else "")
 
 
 def _units(m: dict[str, Any], i: int) -> str:
