@@ -99,6 +99,7 @@ LYRA_RUN = "outputs/train/lyra/lyra_trained_smollm2"
 TRIPLET_RUN = "outputs/train/triplet/triplet_trained_smollm2"
 POOL_RUN = "outputs/train/lyra/lyra_pool_smollm2"
 LONGPOOL_RUN = "outputs/train/lyra/lyra_longpool_smollm2"
+LONGPOOL10_RUN = "outputs/train/lyra/lyra10_longpool_smollm2"
 
 
 def out(name: str) -> str:
@@ -140,7 +141,7 @@ EXPECTED = {
                                                      "conversations=2 control=false") + [out("pool_repeat_smollm2_long")],
     "lyra_pool_smollm2": lambda: code_command("mechanism.options.train_layers=true data=persona_pool data.max_personas=32")
     + [f"hydra.run.dir={POOL_RUN}"],
-    "lyra_longpool_smollm2": lambda: code_command("data=persona_pool data.max_personas=64")
+    "lyra_longpool_smollm2": lambda: code_command("train_layers=true data=persona_pool data.max_personas=64")
     + [f"hydra.run.dir={LONGPOOL_RUN}"],
     "lyra_longpool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL_RUN)
                                            for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
@@ -164,6 +165,15 @@ EXPECTED = {
     "lyra_longpool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL_RUN)
                                             for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra_longpool_smollm2_bleed")],
+    # the same with 10 chosen layers: its own train command, the evaluation commands above on its run
+    "lyra10_longpool_smollm2": lambda: code_command("mechanism.options.layers=[2,5,8,11,14,17,20,23,26,29]")
+    + [f"hydra.run.dir={LONGPOOL10_RUN}"],
+    "lyra10_longpool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL10_RUN)
+                                             for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
+    + [out("lyra10_longpool_smollm2_long")],
+    "lyra10_longpool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL10_RUN)
+                                              for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
+    + [out("lyra10_longpool_smollm2_bleed")],
     # the training-free baselines through the drift table's protocol (no measured row yet)
     **{f"{m}_smollm2": (lambda m=m: drift_table(f"mechanism={m}", "control=false", "baseline=false",
                                                 out(f"{m}_smollm2")))
@@ -192,10 +202,13 @@ TABLES = {
         ["lyra_pool_smollm2", "lyra_pool_smollm2_long", "pool_repeat_smollm2_long"],
     "| turn (history tokens), Lyra trained on 16-turn conversations |":
         ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
+    "| turn (history tokens), Lyra with 10 layers |":
+        ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
-         "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"]}
+         "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"],
+         "- The 10-layer Lyra's bleed arm": ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2"]
