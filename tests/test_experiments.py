@@ -166,11 +166,13 @@ EXPECTED = {
                                             for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra_longpool_smollm2_bleed")],
     # the same with 10 chosen layers: its own train command, the evaluation commands above on its run
-    "lyra10_longpool_smollm2": lambda: code_command("mechanism.options.layers=[2,5,8,11,14,17,20,23,26,29]")
+    "lyra10_longpool_smollm2": lambda: code_command('train_layers=true "mechanism.options.layers=')
     + [f"hydra.run.dir={LONGPOOL10_RUN}"],
     "lyra10_longpool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL10_RUN)
                                              for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
     + [out("lyra10_longpool_smollm2_long")],
+    "lyra10_frozen_pool_smollm2_long": lambda: code_command('evaluate.py mechanism=lyra "mechanism.options.layers=')
+    + [out("lyra10_frozen_pool_smollm2_long")],
     "lyra10_longpool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL10_RUN)
                                               for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra10_longpool_smollm2_bleed")],
@@ -203,7 +205,7 @@ TABLES = {
     "| turn (history tokens), Lyra trained on 16-turn conversations |":
         ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
     "| turn (history tokens), Lyra with 10 layers |":
-        ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_long"],
+        ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_long", "lyra10_frozen_pool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
