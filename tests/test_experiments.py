@@ -100,6 +100,8 @@ TRIPLET_RUN = "outputs/train/triplet/triplet_trained_smollm2"
 POOL_RUN = "outputs/train/lyra/lyra_pool_smollm2"
 LONGPOOL_RUN = "outputs/train/lyra/lyra_longpool_smollm2"
 LONGPOOL10_RUN = "outputs/train/lyra/lyra10_longpool_smollm2"
+LORA10_RUN = "outputs/train/lyra/lyra10_lora_pool_smollm2"
+LOWLR10_RUN = "outputs/train/lyra/lyra10_lowlr_pool_smollm2"
 
 
 def out(name: str) -> str:
@@ -176,6 +178,19 @@ EXPECTED = {
     "lyra10_longpool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LONGPOOL10_RUN)
                                               for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra10_longpool_smollm2_bleed")],
+    # the same 10 layers with a LoRA on them: its own train command, the evaluation commands above on its run
+    "lyra10_lora_pool_smollm2": lambda: code_command("mechanism.options.lora_r=16") + [f"hydra.run.dir={LORA10_RUN}"],
+    "lyra10_lora_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LORA10_RUN)
+                                              for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
+    + [out("lyra10_lora_pool_smollm2_long")],
+    "lyra10_lora_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LORA10_RUN)
+                                               for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
+    + [out("lyra10_lora_pool_smollm2_bleed")],
+    "lyra10_lowlr_pool_smollm2": lambda: code_command("train_layers=true module.optimizer.lr=5e-5")
+    + [f"hydra.run.dir={LOWLR10_RUN}"],
+    "lyra10_lowlr_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LOWLR10_RUN)
+                                               for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
+    + [out("lyra10_lowlr_pool_smollm2_long")],
     # the training-free baselines through the drift table's protocol (no measured row yet)
     **{f"{m}_smollm2": (lambda m=m: drift_table(f"mechanism={m}", "control=false", "baseline=false",
                                                 out(f"{m}_smollm2")))
@@ -206,6 +221,8 @@ TABLES = {
         ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
     "| turn (history tokens), Lyra with 10 layers |":
         ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_long", "lyra10_frozen_pool_smollm2_long"],
+    "| turn (history tokens), 10 layers: full weights or a LoRA |":
+        ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
@@ -213,7 +230,8 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- The 10-layer Lyra's bleed arm": ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2"]
+              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_long",
+              "lyra10_lora_pool_smollm2_bleed"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
