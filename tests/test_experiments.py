@@ -34,7 +34,7 @@ def entry(name: str) -> str:
 def code_command(marker: str) -> list[str]:
     """The overrides of the one README code-block command (continuations joined) that contains `marker`."""
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", README, re.S)
-    lines = [l for b in blocks for l in re.sub(r"\\\n\s*", " ", b).splitlines()
+    lines = [l for b in blocks for l in re.sub(r"\s*\\\n\s*", " ", b).splitlines()
              if re.search(r"(train|evaluate)\.py", l) and marker in l]
     assert len(lines) == 1, f"README: {len(lines)} code commands contain {marker!r}"
     args = shlex.split(lines[0], comments=True)
@@ -102,6 +102,7 @@ LONGPOOL_RUN = "outputs/train/lyra/lyra_longpool_smollm2"
 LONGPOOL10_RUN = "outputs/train/lyra/lyra10_longpool_smollm2"
 LORA10_RUN = "outputs/train/lyra/lyra10_lora_pool_smollm2"
 LOWLR10_RUN = "outputs/train/lyra/lyra10_lowlr_pool_smollm2"
+LORAHI10_RUN = "outputs/train/lyra/lyra10_lorahi_pool_smollm2"
 
 
 def out(name: str) -> str:
@@ -179,13 +180,19 @@ EXPECTED = {
                                               for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra10_longpool_smollm2_bleed")],
     # the same 10 layers with a LoRA on them: its own train command, the evaluation commands above on its run
-    "lyra10_lora_pool_smollm2": lambda: code_command("mechanism.options.lora_r=16") + [f"hydra.run.dir={LORA10_RUN}"],
+    "lyra10_lora_pool_smollm2": lambda: code_command('lora_r=16 "mechanism.options.layers=')
+    + [f"hydra.run.dir={LORA10_RUN}"],
     "lyra10_lora_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LORA10_RUN)
                                               for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
     + [out("lyra10_lora_pool_smollm2_long")],
     "lyra10_lora_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LORA10_RUN)
                                                for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra10_lora_pool_smollm2_bleed")],
+    "lyra10_lorahi_pool_smollm2": lambda: code_command("lora_r=16 module.optimizer.lr=1e-3")
+    + [f"hydra.run.dir={LORAHI10_RUN}"],
+    "lyra10_lorahi_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LORAHI10_RUN)
+                                                for a in code_command("ckpt=outputs/train/lyra/<run> turns=48")]
+    + [out("lyra10_lorahi_pool_smollm2_long")],
     "lyra10_lowlr_pool_smollm2": lambda: code_command("train_layers=true module.optimizer.lr=5e-5")
     + [f"hydra.run.dir={LOWLR10_RUN}"],
     "lyra10_lowlr_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LOWLR10_RUN)
@@ -231,7 +238,8 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_long"]
+              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_long",
+              "lyra10_lorahi_pool_smollm2", "lyra10_lorahi_pool_smollm2_long"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
