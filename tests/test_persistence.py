@@ -224,7 +224,7 @@ def directions(tmp_path_factory):
     ("mechanism=none", ["mechanism=none", "mechanism=steer"]),
 ])
 def test_bad_options_are_one_line_user_errors(directions, tmp_path, override, facts):
-    from persona_lit.steering.persistence import run_task
+    from persona_lit.steering.persistence_task import run_task
 
     override = override.replace("OTHER", str(directions[2]))
     cfg = compose_eval(f"mechanism.options.direction={directions[0]}", "task.do_sample=false", "task.seeds=[0]",

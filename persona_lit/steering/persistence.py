@@ -286,10 +286,3 @@ def format_half_life(s: dict[str, Any]) -> str:
     ci = f", 95% CI {s['ci_low']:.1f} to {s['ci_high']:.1f}" if s["ci_low"] is not None else f", no interval: {why}"
     cens = f", {s['censored']} of {s['n']} censored at >= {s['n_release']}" if s["censored"] else ""
     return f"median {med} tokens (mean {mean}{ci}; n={s['n']} runs{cens})"
-
-
-def run_task(cfg):
-    """`python evaluate.py task=persistence ...` (conf/task/persistence.yaml): see persistence_task.py."""
-    from persona_lit.steering.persistence_task import run
-
-    return run(cfg)

@@ -149,7 +149,7 @@ def _arm(model, chat, opts: Options, runs, prompts, mechanism, layer, units, ste
                     torch.cat([p.turn_end for p in parts]), [ids for p in parts for ids in p.ids])
 
 
-def run(cfg: DictConfig) -> Path:
+def run_task(cfg: DictConfig) -> Path:
     from persona_lit.steering.persistence_report import log_results, summarize, write_outputs
 
     opts = options(cfg)
