@@ -231,9 +231,9 @@ TABLES = {
         ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
     "| turn (history tokens), Lyra with 10 layers |":
         ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_long", "lyra10_frozen_pool_smollm2_long"],
-    "| turn (history tokens), 10 layers: full weights, a LoRA, or a smaller lr |":
+    "| turn (history tokens), 10 layers: full weights or a LoRA, two step sizes each |":
         ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_long", "lyra10_lowlr_pool_smollm2",
-         "lyra10_lowlr_pool_smollm2_long"],
+         "lyra10_lowlr_pool_smollm2_long", "lyra10_lorahi_pool_smollm2", "lyra10_lorahi_pool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
@@ -242,8 +242,7 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lorahi_pool_smollm2", "lyra10_lorahi_pool_smollm2_long",
-              "lyra10_lowlr_pool_smollm2_bleed"]
+              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2_bleed"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
