@@ -191,6 +191,9 @@ EXPECTED = {
     "lyra10_lowlr_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LOWLR10_RUN)
                                                 for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra10_lowlr_pool_smollm2_bleed")],
+    "lyra10_lowlr_pool_smollm2_6k": lambda: [a.replace("outputs/train/lyra/<run>", LOWLR10_RUN)
+                                             for a in code_command("ckpt=outputs/train/lyra/<run> turns=56")]
+    + [out("lyra10_lowlr_pool_smollm2_6k")],
     "lyra10_lorahi_pool_smollm2": lambda: code_command("lora_r=16 module.optimizer.lr=1e-3")
     + [f"hydra.run.dir={LORAHI10_RUN}"],
     "lyra10_lorahi_pool_smollm2_long": lambda: [a.replace("outputs/train/lyra/<run>", LORAHI10_RUN)
@@ -242,7 +245,8 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2_bleed"]
+              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2_bleed",
+              "lyra10_lowlr_pool_smollm2_6k"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
