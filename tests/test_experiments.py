@@ -212,6 +212,12 @@ EXPECTED = {
 
 # Every table of the README: the line that starts it -> the bundles that reproduce it ([] = no command: not measured).
 TABLES = {
+    "| at turn 32 (~3.8k history tokens) and 48 (~5.3k) |":
+        ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_long", "lyra_pool_smollm2_long",
+         "pool_repeat_smollm2_long", "lyra_longpool_smollm2_long", "lyra10_longpool_smollm2_long",
+         "lyra10_lora_pool_smollm2_long", "lyra10_lorahi_pool_smollm2_long", "lyra_pool_smollm2_bleed",
+         "lyra_longpool_smollm2_bleed", "lyra10_longpool_smollm2_bleed", "lyra10_lora_pool_smollm2_bleed",
+         "lyra10_lowlr_pool_smollm2_bleed"],
     "| mechanism | what it does | trains |": [],
     "| turn (history tokens) | 0 (76) | 1 (305) | 4 (596) | 8 (1144) |":
         ["demo_lyra_smollm2", "demo_lyra_smollm2_eval"],
@@ -242,11 +248,11 @@ TABLES = {
 PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
          "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"],
          "- The 10-layer Lyra's bleed arm": ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_bleed"],
-         "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"]}
+         "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"],
+         "- The lr-5e-5 run's bleed arm": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_bleed"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2_bleed",
-              "lyra10_lowlr_pool_smollm2_6k"]
+              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2_6k"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
