@@ -249,10 +249,11 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"],
          "- The 10-layer Lyra's bleed arm": ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_bleed"],
          "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"],
-         "- The lr-5e-5 run's bleed arm": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_bleed"]}
+         "- The lr-5e-5 run's bleed arm": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_bleed"],
+         "- The lr-5e-5 run to turn 56": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_6k"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2", "lyra10_lowlr_pool_smollm2_6k"]
+              "instaboost_smollm2", "split_softmax_smollm2"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
