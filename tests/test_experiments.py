@@ -140,8 +140,13 @@ EXPECTED = {
     "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=4") + [out("pool_none_smollm2")],
     "pool_repeat_smollm2": lambda: code_command('turns=12 "probe_turns=[0,1,4,8,12]" conversations=2 '
                                                 "control=false") + [out("pool_repeat_smollm2")],
-    "pool_repeat_smollm2_long": lambda: code_command('turns=48 "probe_turns=[0,1,16,32,48]" '
-                                                     "conversations=2 control=false") + [out("pool_repeat_smollm2_long")],
+    "pool_repeat_smollm2_long": lambda: code_command("mechanism=repeat mechanism.options.every=4 personas=test_split "
+                                                     "pool.max_personas=4 turns=48") + [out("pool_repeat_smollm2_long")],
+    # the other two training-free baselines on the same personas: to turn 48, and their bleed arms
+    **{f"pool_{m}_smollm2_long": (lambda m=m: code_command(f"mechanism={m} personas=test_split pool.max_personas=4")
+                                  + [out(f"pool_{m}_smollm2_long")]) for m in ("instaboost", "split_softmax")},
+    **{f"pool_{m}_smollm2_bleed": (lambda m=m: code_command(f"mechanism={m} bleed=true turns=12")
+                                   + [out(f"pool_{m}_smollm2_bleed")]) for m in ("instaboost", "split_softmax")},
     "lyra_pool_smollm2": lambda: code_command("mechanism.options.train_layers=true data=persona_pool data.max_personas=32")
     + [f"hydra.run.dir={POOL_RUN}"],
     "lyra_longpool_smollm2": lambda: code_command("train_layers=true data=persona_pool data.max_personas=64")
@@ -253,7 +258,9 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- The lr-5e-5 run to turn 56": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_6k"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2"]
+              "instaboost_smollm2", "split_softmax_smollm2",
+              "pool_instaboost_smollm2_long", "pool_split_softmax_smollm2_long",
+              "pool_instaboost_smollm2_bleed", "pool_split_softmax_smollm2_bleed"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
