@@ -110,3 +110,24 @@ def test_a_damaged_results_file_is_one_line_and_nothing_is_written(tmp_path, run
         compare_runs([runs[0], bad], out)
     assert fact in str(e.value) and str(bad) in str(e.value) and "\n" not in str(e.value)
     assert list(out.iterdir()) == []
+
+
+def test_kl_on_different_capability_references_is_flagged(tmp_path, runs, capsys):
+    """A longer run scores KL on other (unasked) references: compare says so; equal or unknown fingerprints do not."""
+    for d, ref in zip(runs, ("aaaaaaaaaaaa", "aaaaaaaaaaaa", None)):
+        res = json.loads((d / "results.json").read_text())
+        res["run"]["capability_references"] = ref
+        (d / "results.json").write_text(json.dumps(res))
+    (tmp_path / "same").mkdir()
+    compare_runs(runs, tmp_path / "same")
+    assert "not comparable" not in (tmp_path / "same" / "compare.md").read_text()
+    assert "warning" not in capsys.readouterr().out
+    res = json.loads((runs[1] / "results.json").read_text())
+    res["run"]["capability_references"] = "bbbbbbbbbbbb"
+    (runs[1] / "results.json").write_text(json.dumps(res))
+    (tmp_path / "other").mkdir()
+    compare_runs(runs, tmp_path / "other")
+    table = (tmp_path / "other" / "compare.md").read_text()
+    assert "**KL to base is not comparable across these runs**" in table
+    assert "eval_lyra: aaaaaaaaaaaa" in table and "eval_repeat: bbbbbbbbbbbb" in table and "eval_none:" not in table
+    assert "warning" in capsys.readouterr().out

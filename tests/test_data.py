@@ -8,6 +8,7 @@ import torch
 
 from persona_lit.data import BucketBatchSampler, Collator, read_dialogues, read_mt_bench, turn_stream
 from persona_lit.data.dialogues import IGNORE
+from persona_lit.data.mt_bench import neutral_exchanges, references_fingerprint
 from persona_lit.data.readers import default_mt_bench_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -118,3 +119,15 @@ def test_chained_dialogues_label_persona_answers_only(backbone_factory):
     assert max(segments) == 6  # 3 filler turns + 3 persona turns, numbered in order
     labelled_turns = sorted({s for s, m in zip(segments, mask) if m})
     assert labelled_turns == [2, 4, 6]  # filler answers are history only
+
+
+def test_capability_references_change_with_the_asked_questions():
+    """The references are the unasked questions first, so more turns can mean other references: the fingerprint
+    that results.json keeps (and compare checks) tells them apart, and is stable for the same ones."""
+    questions = read_mt_bench(default_mt_bench_path())
+    asked = lambda n: {t.question_id for t in turn_stream(questions, n, seed=0, exclude_categories=["roleplay"])}
+    few, many = neutral_exchanges(8, asked(12)), neutral_exchanges(8, asked(112))
+    assert len(few) == len(many) == 8 and few != many
+    assert references_fingerprint(few, 64) == references_fingerprint(list(few), 64)
+    assert len({references_fingerprint(few, 64), references_fingerprint(many, 64), references_fingerprint(few, 32)}) == 3
+    assert references_fingerprint([], 64) is None

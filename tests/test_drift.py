@@ -129,6 +129,8 @@ def test_evaluate_pools_several_personas_and_reports_each(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["run"]["personas"] == ["stoic", "botanist"]
+    ref = results["run"]["capability_references"]  # compare flags KL scored on different references
+    assert isinstance(ref, str) and len(ref) == 12 and int(ref, 16) >= 0
     assert set(results["by_persona"]) == {"stoic", "botanist"}
     pooled, alone = results["metrics"], results["by_persona"]["stoic"]
     # pooled: two personas, the interval over their means; alone: turn 0 once, then 2 conversations

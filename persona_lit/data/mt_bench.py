@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 from dataclasses import dataclass
@@ -61,6 +63,16 @@ def neutral_exchanges(count: int, avoid_question_ids: set[int] = frozenset(), qu
         pairs.append((q.question_id in avoid_question_ids, q.turns[0], str(turns[0])))
     pairs.sort(key=lambda p: p[0])  # stable: unasked questions first, file order within
     return [(q, a) for _, q, a in pairs[:count]]
+
+
+def references_fingerprint(exchanges: Sequence[tuple[str, str]], max_tokens: int) -> str | None:
+    """A short hash of the capability references (and their token budget) a run scored KL to base on: runs compare on
+    that KL only where it is equal (which questions are unasked depends on the turns, so a longer run can score other
+    references). None where there are none."""
+    if not exchanges:
+        return None
+    payload = json.dumps([max_tokens, [list(pair) for pair in exchanges]], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
 
 class MTBenchDataModule(L.LightningDataModule):

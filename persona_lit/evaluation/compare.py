@@ -257,6 +257,18 @@ def family_plots(runs: list[tuple[Path, dict]], out_dir: Path) -> list[str]:
     return written
 
 
+def _reference_note(runs: list[tuple[Path, dict]]) -> list[str]:
+    """A warning where runs scored KL to base on different capability references (results.json
+    run.capability_references; older results have none and are not judged)."""
+    refs = {d.name: res["run"].get("capability_references") for d, res in runs}
+    if len({r for r in refs.values() if isinstance(r, str)}) < 2:
+        return []
+    return ["", "**KL to base is not comparable across these runs**: they scored it on different capability "
+                "references (" + ", ".join(f"{name}: {ref}" for name, ref in refs.items() if isinstance(ref, str))
+            + "; the references are the MT-bench questions a run's conversations do not ask, so they change with "
+              "turns and conversations). Compare KL only between runs with the same fingerprint."]
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
     """Reads every run first (a damaged one fails before anything is written), then writes compare.png,
     compare_<family>.png and compare.md; returns their names."""
@@ -274,7 +286,11 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
              "bleed name, bleed KL (runs with bleed=true): its bleed arm (no persona, mechanism on). "
              "History tokens: mean tokens in the history after the turn; s/turn: mean wall-clock seconds of the "
              "turn's answer generation per conversation batch (probes excluded).", ""]
-    lines += headline_table(runs)
+    note = _reference_note(runs)
+    if note:
+        print("persona_lit: warning: these runs scored KL to base on different capability references, so their KL "
+              "is not comparable (compare.md names them)")
+    lines += headline_table(runs) + note
     lines += ["", "## Every metric, mean by turn", "", "| run | mechanism | model | persona | metric | mean by turn |",
               "|---|---|---|---|---|---|"]
     for d, res in runs:

@@ -14,7 +14,7 @@ from persona_lit.build import (attach_mechanism, place, plain, require_writable,
                                resolve_precision, restore)
 from persona_lit.evaluation.conversation import ConversationRunner
 from persona_lit.evaluation.protocol import merge, run_personas, summarize
-from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges
+from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges, references_fingerprint
 from persona_lit.errors import UserError
 from persona_lit.evaluation.distributed import launch, resolve_placement
 from persona_lit.evaluation.judge import Judge, check_judge, judge_arm
@@ -179,6 +179,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens),
                 "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
                 "precision": precision, "context_limit": runner.context_limit(), "last_turn": last_turn,
+                "capability_references": references_fingerprint(capability, int(cfg.capability_tokens)),
                 **({"persona_split": chosen.info} if getattr(chosen, "info", None) else {})},
         **summarize(protocol, probe_turns, cfg.projection_layer, axis),
         "config": config,
