@@ -219,7 +219,8 @@ EXPECTED = {
 TABLES = {
     "| at turn 32 (~3.8k history tokens) and 48 (~5.3k) |":
         ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_long", "lyra_pool_smollm2_long",
-         "pool_repeat_smollm2_long", "pool_instaboost_smollm2_long", "lyra_longpool_smollm2_long", "lyra10_longpool_smollm2_long",
+         "pool_repeat_smollm2_long", "pool_instaboost_smollm2_long", "pool_split_softmax_smollm2_long",
+         "lyra_longpool_smollm2_long", "lyra10_longpool_smollm2_long",
          "lyra10_lora_pool_smollm2_long", "lyra10_lorahi_pool_smollm2_long", "lyra_pool_smollm2_bleed",
          "lyra_longpool_smollm2_bleed", "lyra10_longpool_smollm2_bleed", "lyra10_lora_pool_smollm2_bleed",
          "lyra10_lowlr_pool_smollm2_bleed"],
@@ -240,7 +241,8 @@ TABLES = {
         ["lyra_pool_smollm2", "lyra_pool_smollm2_eval", "pool_repeat_smollm2", "lyra_pool_smollm2_bleed",
          "triplet_pool_smollm2", "triplet_pool_smollm2_eval", "lora_pool_smollm2", "lora_pool_smollm2_eval"],
     "| turn (history tokens) | 0 (38) | 1 (334) | 16 (2,017) | 32 (3,836) | 48 (5,342) |":
-        ["lyra_pool_smollm2", "lyra_pool_smollm2_long", "pool_repeat_smollm2_long", "pool_instaboost_smollm2_long"],
+        ["lyra_pool_smollm2", "lyra_pool_smollm2_long", "pool_repeat_smollm2_long", "pool_instaboost_smollm2_long",
+         "pool_split_softmax_smollm2_long"],
     "| turn (history tokens), Lyra trained on 16-turn conversations |":
         ["lyra_longpool_smollm2", "lyra_longpool_smollm2_long"],
     "| turn (history tokens), Lyra with 10 layers |":
@@ -259,7 +261,6 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2",
-              "pool_split_softmax_smollm2_long",
               "pool_instaboost_smollm2_bleed", "pool_split_softmax_smollm2_bleed"]
 
 
