@@ -15,11 +15,16 @@ so each row still sums to 1 (pi^k + (1 - pi^k)), the weights within each part ke
 base model bit for bit (the layers call the model's own attention unchanged), k > 1 lowers the share (a control).
 pi = 0 (no system-prompt key in view, e.g. past a sliding window) or pi = 1 leave the row as it is.
 
-How, without copying modeling code: the layer's own attention function (sdpa or its eager one) is called once on
-the values [v * 1_P, v * (1 - 1_P), 1_P, 1 - 1_P] (per key); its output holds both parts of the attention output
-and the shares pi and 1 - pi, which are combined as above (1 - pi^k as -expm1(k log pi), log pi from log1p(-(1-pi))
-near 1, for accuracy at both ends). Applied to every query, as `instaboost` is; which keys count as the system
-prompt, and how this stays exact with the KV cache: system_attention.py. Nothing trains.
+How, without copying modeling code: the layer's own attention function (sdpa or its eager one) is called three
+times. Once as the base model calls it (out = sum_j a_j v_j over all keys); once on the values [1_P, 1 - 1_P] (per
+key, 2 wide), whose output is the two shares pi and 1 - pi; and once on the system-prompt keys alone (the slots
+that hold one in any row, gathered, the rest of them masked per row), whose output is the system prompt's part
+normalised within it, so part = pi * that and rest = out - part. Nothing as wide as the values is copied: the KV
+cache is read as the base model reads it, plus one more pass over the keys (an earlier form concatenated
+[v 1_P, v (1 - 1_P), 1_P, 1 - 1_P] over the whole cache at every layer and step, 1.9x the base decode at 5k history
+tokens). The two parts are combined as above in float32 (1 - pi^k as -expm1(k log pi), log pi from
+log1p(-(1-pi)) near 1, for accuracy at both ends). Applied to every query, as `instaboost` is; which keys count as
+the system prompt, and how this stays exact with the KV cache: system_attention.py. Nothing trains.
 """
 
 from __future__ import annotations
@@ -54,12 +59,15 @@ class SplitSoftmaxMechanism(SystemAttentionMechanism):
         return self.exponent == 1.0
 
     def reweight(self, attention: Callable, module, query, key, value, mask, persona: torch.Tensor, **kwargs):
-        d = value.shape[-1]
+        full = additive_mask(mask, query, key.shape[-2])  # [B|1, 1, q, kv]; SDPA's None spelled out
+        out, _ = attention(module, query, key, value, full, **kwargs)  # [B, q, heads, d]: sum_j a_j v_j
         inside = persona[:, None, :, None].to(value.dtype).expand(value.shape[0], value.shape[1], -1, 1)
-        parts = torch.cat([value * inside, value * (1 - inside), inside, 1 - inside], -1)
-        if mask is None:  # SDPA's shortcut for a causal mask: spelled out (the values are no longer the keys' width)
-            mask = additive_mask(mask, query, key.shape[-2])
-        out, _ = attention(module, query, key, parts, mask, **kwargs)  # [B, q, heads, 2d + 2]
-        mixed = split_softmax(out[..., :d], out[..., d : 2 * d], out[..., 2 * d :][..., :1], out[..., -1:],
-                              self.exponent)
-        return mixed.contiguous(), None
+        shares, _ = attention(module, query, key, torch.cat([inside, 1 - inside], -1), full, **kwargs)
+        cols = persona.any(0).nonzero().flatten()  # the system prompt's slots in any row (a short stretch)
+        own = persona[:, cols][:, None, None, :]  # this row's own system-prompt keys among them
+        within = torch.where(own, full[..., cols], torch.finfo(full.dtype).min)  # finite: a row seeing none is
+        normed, _ = attention(module, query, key[:, :, cols], value[:, :, cols], within, **kwargs)  # uniform, x 0
+        pi, other = shares[..., :1].float(), shares[..., 1:].float()
+        part = torch.where(pi > 0, pi * normed.float(), 0.0)
+        mixed = split_softmax(part, out.float() - part, pi, other, self.exponent)
+        return mixed.to(out.dtype).contiguous(), None
