@@ -159,6 +159,7 @@ def run_conversation(model, bb, mech, calls=None):
     persona = conv.tokens.shape[1]
     for texts in TURNS:
         runner.say(conv, texts)
+    assert runner.forward_new(conv, logits_to_keep=1) is not None  # the last answer's closing: left to a next call
     if hook is not None:
         hook.remove()
     return conv, persona

@@ -116,6 +116,45 @@ def test_batched_conversations_and_probes_equal_one_at_a_time(backbone_factory, 
     assert len(grown) > 2  # turns of different lengths in one batch: padding was in play
 
 
+@pytest.mark.parametrize("kind", ["none", "split_softmax", "instaboost", "repeat"])
+def test_closing_tokens_left_to_the_next_forward_equal_feeding_them_at_once(backbone_factory, kind):
+    """A mechanism that is not turn-bound has each answer's closing tokens fed with the next forward (the next
+    turn's prompt, a probe's, a capability score's): one model call fewer per turn and per probe fork that answers,
+    and the same answers, probe
+    verdicts, margins, capability and reply states as feeding them at once, on a padded batch of three."""
+    import dataclasses
+
+    bb = backbone_factory("tiny-llama")
+    model, mech = mechanism_for(bb, kind)
+    assert mech.turn_bound is False
+    persona = load_persona("joyful_writer")
+    persona = dataclasses.replace(persona, probes=persona.probes[:2])
+    exchanges = [("What is 2 + 2?", "2 + 2 = 4.")]
+    results, calls = {}, {}
+    for bound in (False, True):
+        mech.turn_bound = bound
+        runner = EarlyEndRunner(model, bb.chat, mech, max_new_tokens=10, probe_max_new_tokens=6, probe_batch=2)
+        runner.prepare_references(exchanges, 8)
+        count = []
+        hook = model.register_forward_hook(lambda *a: count.append(1))
+        try:
+            results[bound] = runner.run(persona, STREAMS, probe_turns=[0, 2], progress=False, capability=exchanges)
+        finally:
+            hook.remove()
+        calls[bound] = len(count)
+    del mech.turn_bound
+    assert calls[False] == calls[True] - 3 - 2 * 3  # the closing calls of 3 turns and of 3 probe forks at 2 turns
+    for later, now in zip(results[False], results[True]):
+        assert [r.answer for r in later] == [r.answer for r in now]
+        assert [r.history_tokens for r in later] == [r.history_tokens for r in now]
+        for a, b in zip(later, now):
+            assert [(p.answer, p.passed) for p in a.probes] == [(p.answer, p.passed) for p in b.probes]
+            assert [p.margin for p in a.probes] == pytest.approx([p.margin for p in b.probes], abs=1e-4)
+            if b.capability is not None:
+                assert a.capability == pytest.approx(b.capability, abs=1e-4)
+                assert torch.allclose(a.reply_state, b.reply_state, atol=1e-4)
+
+
 def test_capability_cost_is_zero_for_the_base_model_without_history_and_grows_with_a_persona(backbone_factory):
     from persona_lit.evaluation.protocol import run_protocol, summarize
 

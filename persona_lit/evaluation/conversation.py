@@ -1,7 +1,10 @@
 """Multi-turn conversations, several at once: the KV cache is reused across turns, probes run on forks.
 
 History is never re-encoded: each turn feeds only its new tokens (the user turn and the assistant
-header) on top of the cache, then decodes. (Exception: a mechanism with `clean_history`, e.g. steering of
+header) on top of the cache, then decodes. An answer's closing tokens (its last token, the end of turn) are fed
+with the next forward, the next turn's prompt or a probe's, as `generate` on the whole history would; only for a
+mechanism whose state depends on the turn a token is fed in (Mechanism.turn_bound: Lyra, Triplet, steer) are they
+fed at once, in a call of their own. (Exception: a mechanism with `clean_history`, e.g. steering of
 the current turn only, gets each finished turn rolled back in the cache and fed again with it disabled.) Several conversations are one padded batch: a row's slots
 are tokens or padding, `mask` says which are real, and positions count real tokens only, so a row is
 the same conversation it would be alone. (Exception: a sliding-window layer in transformers counts the
@@ -237,12 +240,13 @@ class ConversationRunner(Probing):
         conv.append([self.user_turn_ids(t, conv.open_turn, r) for t, r in zip(texts, reminders)], self.chat.pad_id)
         conv.open_turn = False
         answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
-        # Close the answers and cache them now, so the next turn starts from a fully cached history.
-        self.extend(conv, self.chat.close_assistant())
+        conv.append([self.chat.close_assistant()] * conv.rows, self.chat.pad_id)  # fed later, or now if turn-bound
         if mark is not None:  # clean history: the finished turn is cached again, unsteered
             conv.cache = roll_back(conv.cache, mark)
             with self.mechanism.disabled():
                 self.forward_new(conv, logits_to_keep=1)
+        elif self.mechanism is not None and self.mechanism.turn_bound:
+            self.forward_new(conv, logits_to_keep=1)
         return [self.chat.decode(a) for a in answers]
 
     def _decode(self, conv: Conversation, max_new_tokens: int) -> list[list[int]]:

@@ -75,20 +75,22 @@ class Probing:
     def _score_fork(self, fork, chunk: list[ScoreItem]) -> list[Scored]:
         if self.mechanism is not None:
             self.mechanism.begin_turn()
+        pending = fork.tokens.shape[1] - self._cached(fork)  # slots fed before the prompts (an answer's closing)
         prompts = [self.chat.user_turn_ids(it.question, fork.open_turn) for it in chunk]
         targets = [self.chat._ids(it.answer)[: it.max_tokens] if it.max_tokens else
                    self.chat._ids(it.answer) + [self.chat.end_id] for it in chunk]
         fork.append([p + t for p, t in zip(prompts, targets)], self.chat.pad_id, pad_left=False)
         extra = {}
         if getattr(self.mechanism, "uses_assistant_mask", False):  # e.g. steer positions=response: the scored
-            answer = torch.zeros(len(chunk), max(len(p) + len(t) for p, t in zip(prompts, targets)), dtype=torch.bool)
+            width = pending + max(len(p) + len(t) for p, t in zip(prompts, targets))
+            answer = torch.zeros(len(chunk), width, dtype=torch.bool)
             for i, (p, t) in enumerate(zip(prompts, targets)):  # answer is the response, as if generated
-                answer[i, len(p) : len(p) + len(t)] = True
+                answer[i, pending + len(p) : pending + len(p) + len(t)] = True
             extra["assistant_mask"] = answer.to(self.device)
         result = self.forward_new(fork, output_hidden_states=True, **extra)
         scored = []
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
-            start = len(prompt) - 1
+            start = pending + len(prompt) - 1
             logp = torch.log_softmax(result.logits[i, start : start + len(target)].float(), -1)
             token_logp = logp.gather(1, torch.tensor(target, device=logp.device)[:, None])
             state = torch.stack([h[i, start].float().cpu() for h in result.hidden_states[1:]])

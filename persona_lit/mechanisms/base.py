@@ -21,6 +21,11 @@ class Mechanism:
     # True: the conversation runner caches the history (the persona segment and each finished turn, re-encoded
     # after its answer) with the mechanism disabled, so the mechanism acts on the current turn's tokens only.
     clean_history: bool = False
+    # True (the safe default): what the mechanism does to a token depends on the turn or phase in which it is fed
+    # (Lyra's segments, Triplet's memory, steer's prompt/response), so the runner feeds each turn's tokens within
+    # it. False: a token's treatment does not depend on when it is fed, so the runner leaves an answer's closing
+    # tokens to the next forward (the next turn's prompt, or a probe's) instead of a model call of their own.
+    turn_bound: bool = True
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Wrap `model`; return the model to use from now on (PEFT returns a wrapper)."""

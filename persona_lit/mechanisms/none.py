@@ -9,6 +9,7 @@ from persona_lit.mechanisms.base import Mechanism
 
 class NoMechanism(Mechanism):
     name = "none"
+    turn_bound = False  # stateless per token: closing tokens may wait for the next forward
 
     def attach(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)  # nothing trains: the run measures the base model

@@ -107,6 +107,7 @@ class SystemAttentionMechanism(Mechanism):
     sets `name`, `_idle()` (the parameter at its identity value) and `reweight()`."""
 
     uses_segments = True  # training batches: segment 0 is the system prompt
+    turn_bound = False  # after the persona segment every fed token is "turn": it may be fed in any later forward
     key = "mechanism.options"
 
     def __init__(self, layers: int | list[int] | None = None):

@@ -43,6 +43,7 @@ class Originals(nn.Module):
 
 class WeightSteerMechanism(Mechanism):
     name = "weight_steer"
+    turn_bound = False  # stateless per token: closing tokens may wait for the next forward
 
     # Defaults: conf/mechanism/weight_steer.yaml (the one place they are written).
     def __init__(self, delta: Any, alpha: float, control: str | None, seed: int, weights: Any = None):
