@@ -74,6 +74,19 @@ def mechanism_for(bb, kind):
     return model, mech
 
 
+def assert_same_records(got, want):
+    """One conversation's records: the same answers, history lengths and probe verdicts; margins, capability and
+    reply states within 1e-4."""
+    assert [r.answer for r in got] == [r.answer for r in want]
+    assert [r.history_tokens for r in got] == [r.history_tokens for r in want]
+    for a, b in zip(got, want):
+        assert [(p.answer, p.passed) for p in a.probes] == [(p.answer, p.passed) for p in b.probes]
+        assert [p.margin for p in a.probes] == pytest.approx([p.margin for p in b.probes], abs=1e-4)
+        if b.capability is not None:
+            assert a.capability == pytest.approx(b.capability, abs=1e-4)
+            assert torch.allclose(a.reply_state, b.reply_state, atol=1e-4)
+
+
 class EarlyEndRunner(ConversationRunner):
     """Greedy, but a row ends its answer when its real-token count is a multiple of 7: a row-local rule, so
     rows of one batch end at different steps (random tiny models rarely pick the end token by themselves)."""
@@ -104,14 +117,7 @@ def test_batched_conversations_and_probes_equal_one_at_a_time(backbone_factory, 
     single.prepare_references(exchanges, 8)
     for stream, rows in zip(STREAMS, together):
         alone = single.run(persona, [stream], probe_turns=[0, 2, 3], progress=False, capability=exchanges)[0]
-        assert [r.answer for r in rows] == [r.answer for r in alone]
-        assert [r.history_tokens for r in rows] == [r.history_tokens for r in alone]
-        for a, b in zip(rows, alone):
-            assert [(p.answer, p.passed) for p in a.probes] == [(p.answer, p.passed) for p in b.probes]
-            assert [p.margin for p in a.probes] == pytest.approx([p.margin for p in b.probes], abs=1e-4)
-            if b.capability is not None:
-                assert a.capability == pytest.approx(b.capability, abs=1e-4)
-                assert torch.allclose(a.reply_state, b.reply_state, atol=1e-4)
+        assert_same_records(rows, alone)
     grown = {b.history_tokens - a.history_tokens for rows in together for a, b in zip(rows, rows[1:])}
     assert len(grown) > 2  # turns of different lengths in one batch: padding was in play
 
@@ -145,14 +151,7 @@ def test_closing_tokens_left_to_the_next_forward_equal_feeding_them_at_once(back
     del mech.turn_bound
     assert calls[False] == calls[True] - 3 - 2 * 3  # the closing calls of 3 turns and of 3 probe forks at 2 turns
     for later, now in zip(results[False], results[True]):
-        assert [r.answer for r in later] == [r.answer for r in now]
-        assert [r.history_tokens for r in later] == [r.history_tokens for r in now]
-        for a, b in zip(later, now):
-            assert [(p.answer, p.passed) for p in a.probes] == [(p.answer, p.passed) for p in b.probes]
-            assert [p.margin for p in a.probes] == pytest.approx([p.margin for p in b.probes], abs=1e-4)
-            if b.capability is not None:
-                assert a.capability == pytest.approx(b.capability, abs=1e-4)
-                assert torch.allclose(a.reply_state, b.reply_state, atol=1e-4)
+        assert_same_records(later, now)
 
 
 def test_capability_cost_is_zero_for_the_base_model_without_history_and_grows_with_a_persona(backbone_factory):
