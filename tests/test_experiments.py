@@ -196,6 +196,9 @@ EXPECTED = {
     "lyra10_lowlr_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LOWLR10_RUN)
                                                 for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
     + [out("lyra10_lowlr_pool_smollm2_bleed")],
+    "lyra10_lorahi_pool_smollm2_bleed": lambda: [a.replace("outputs/train/lyra/<run>", LORAHI10_RUN)
+                                                 for a in code_command("ckpt=outputs/train/lyra/<run> turns=12")]
+    + [out("lyra10_lorahi_pool_smollm2_bleed")],
     "lyra10_lowlr_pool_smollm2_6k": lambda: [a.replace("outputs/train/lyra/<run>", LOWLR10_RUN)
                                              for a in code_command("ckpt=outputs/train/lyra/<run> turns=56")]
     + [out("lyra10_lowlr_pool_smollm2_6k")],
@@ -223,7 +226,8 @@ TABLES = {
          "lyra_longpool_smollm2_long", "lyra10_longpool_smollm2_long",
          "lyra10_lora_pool_smollm2_long", "lyra10_lorahi_pool_smollm2_long", "lyra_pool_smollm2_bleed",
          "lyra_longpool_smollm2_bleed", "lyra10_longpool_smollm2_bleed", "lyra10_lora_pool_smollm2_bleed",
-         "lyra10_lowlr_pool_smollm2_bleed", "pool_instaboost_smollm2_bleed", "pool_split_softmax_smollm2_bleed"],
+         "lyra10_lowlr_pool_smollm2_bleed", "pool_instaboost_smollm2_bleed", "pool_split_softmax_smollm2_bleed",
+         "lyra10_lorahi_pool_smollm2_bleed"],
     "| mechanism | what it does | trains |": [],
     "| turn (history tokens) | 0 (76) | 1 (305) | 4 (596) | 8 (1144) |":
         ["demo_lyra_smollm2", "demo_lyra_smollm2_eval"],
@@ -256,6 +260,7 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"],
          "- The 10-layer Lyra's bleed arm": ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_bleed"],
          "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"],
+         "- The lr-1e-3 LoRA's bleed arm": ["lyra10_lorahi_pool_smollm2", "lyra10_lorahi_pool_smollm2_bleed"],
          "- The lr-5e-5 run's bleed arm": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_bleed"],
          "- The lr-5e-5 run to turn 56": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_6k"]}
 # Bundles for README commands that have no measured table yet.
