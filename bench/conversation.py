@@ -3,7 +3,8 @@ whole history every turn, same model, same turns, same run.
 
 Prints time per turn at turn N over time per turn at turn 1 for both, and total naive time over total
 cached time (target: >= 5x at 40 turns; the cached per-turn cost should grow only with attention over
-the history). Every turn generates exactly `--new-tokens` tokens in both loops (equal work).
+the history). Every turn generates exactly `--new-tokens` tokens in both loops (equal work). The two loops
+alternate turn by turn, so a change in the machine's speed during the run reaches both alike.
 With --batch B > 1 it also runs B conversations as one padded batch against the same B one at a time
 (`--batch-turns` turns each) and prints that ratio.
 
@@ -29,19 +30,19 @@ from persona_lit.personas.load import load_persona
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def cached_loop(runner: ConversationRunner, persona, streams) -> list[float]:
-    """All streams as one batch; seconds per turn."""
-    conv, times = runner.start(persona, rows=len(streams)), []
+def cached_turns(runner: ConversationRunner, persona, streams):
+    """All streams as one batch; yields the seconds of each turn."""
+    conv = runner.start(persona, rows=len(streams))
     for turns in zip(*streams):
         start = time.perf_counter()
         runner.say(conv, [t.text for t in turns])
-        times.append(time.perf_counter() - start)
-    return times
+        yield time.perf_counter() - start
 
 
-def naive_loop(model, chat, persona, turns, new_tokens: int) -> list[float]:
-    """Re-encodes persona + all earlier turns for every new turn (the cache lives within a turn only)."""
-    ids, times = chat.persona_ids(persona.system_prompt), []
+def naive_turns(model, chat, persona, turns, new_tokens: int):
+    """Re-encodes persona + all earlier turns for every new turn (the cache lives within a turn only); yields the
+    seconds of each turn."""
+    ids = chat.persona_ids(persona.system_prompt)
     open_turn = chat.opens_user_turn(persona.system_prompt)
     for turn in turns:
         start = time.perf_counter()
@@ -52,8 +53,11 @@ def naive_loop(model, chat, persona, turns, new_tokens: int) -> list[float]:
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=chat.pad_id)
         ids = ids + out[0, prompt.shape[1]:].tolist() + chat.close_assistant()
-        times.append(time.perf_counter() - start)
-    return times
+        yield time.perf_counter() - start
+
+
+def cached_loop(runner: ConversationRunner, persona, streams) -> list[float]:
+    return list(cached_turns(runner, persona, streams))
 
 
 def main() -> None:
@@ -78,8 +82,11 @@ def main() -> None:
         alone = sum(sum(cached_loop(runner, persona, [s])) for s in streams)
         print(f"{args.batch} conversations x {args.batch_turns} turns: one at a time {alone:.1f} s, as one batch "
               f"{batched:.1f} s, ratio {alone / batched:.2f}")
-    cached = cached_loop(runner, persona, [turns])
-    naive = naive_loop(bb.model, bb.chat, persona, turns, args.new_tokens)
+    cached, naive = [], []  # the two loops alternate turn by turn
+    for c, n in zip(cached_turns(runner, persona, [turns]),
+                    naive_turns(bb.model, bb.chat, persona, turns, args.new_tokens)):
+        cached.append(c)
+        naive.append(n)
     n = args.turns
     print(f"model {args.model}, {n} turns, {args.new_tokens} new tokens per turn")
     print(f"{'loop':7} {'turn 1 s':>9} {'turn ' + str(n) + ' s':>10} {'ratio':>6} {'total s':>8}")
