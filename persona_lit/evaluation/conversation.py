@@ -4,11 +4,13 @@ History is never re-encoded: each turn feeds only its new tokens (the user turn 
 header) on top of the cache, then decodes. An answer's closing tokens (its last token, the end of turn) are fed
 with the next forward, the next turn's prompt or a probe's, as `generate` on the whole history would; only for a
 mechanism whose state depends on the turn a token is fed in (Mechanism.turn_bound: Lyra, Triplet, steer) are they
-fed at once, in a call of their own. (Exception: a mechanism with `clean_history`, e.g. steering of
-the current turn only, gets each finished turn rolled back in the cache and fed again with it disabled.) Several conversations are one padded batch: a row's slots
-are tokens or padding, `mask` says which are real, and positions count real tokens only, so a row is
-the same conversation it would be alone. (Exception: a sliding-window layer in transformers counts the
-padded slots inside its window, so on Gemma-3 a batched row sees a few fewer old tokens there.)
+fed at once, in a call of their own. A probe's answer on a fork is never closed (the fork is thrown away). (Exception:
+a mechanism with `clean_history`, e.g. steering of the current turn only, gets each finished turn rolled back in the
+cache and fed again with it disabled.) Several conversations are one padded batch: a row's slots are tokens or
+padding, `mask` says which are real, and positions count real tokens only, so a row is the same conversation it
+would be alone. (Exception: a sliding-window layer in transformers counts the padded slots inside its window, so on
+Gemma-3 a batched row sees a few fewer old tokens there.) The cache's full-attention layers grow in place
+(models/kv_cache.py), so a decoded token costs no copy of the history.
 
 Decoding is our own short loop rather than `model.generate`: a row that has finished feeds padding
 that is *masked*, so no mechanism ever stores tokens produced after a row's end of answer.
@@ -17,7 +19,7 @@ that is *masked*, so no mechanism ever stores tokens produced after a row's end 
 from __future__ import annotations
 
 import contextlib
-import copy
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,46 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_lit.models.backbones import input_device
+from persona_lit.models.kv_cache import new_cache, roll_back, rollback_point, select_rows
 from persona_lit.models.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.personas.types import Persona, Probe
 from persona_lit.evaluation.probing import Probing, ProbeResult, per_row_probes
-
-
-_NO_CACHE = ("none",)
-
-
-def rollback_point(cache: Any) -> list[tuple] | tuple:
-    """What roll_back(cache, point) needs to return `cache` to its present slots. Full-attention layers are
-    cropped later; a sliding-window layer keeps only its last window, so its present tensors are kept
-    (by reference: the cache replaces them on update, never writes into them) with its length."""
-    if cache is None:
-        return _NO_CACHE
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    point = []
-    for layer in cache.layers:
-        if type(layer) is DynamicLayer:
-            point.append(("crop", layer.get_seq_length()))
-        elif type(layer) is DynamicSlidingWindowLayer:
-            point.append(("keep", layer.keys, layer.values, layer.cumulative_length, layer.is_initialized))
-        else:
-            raise ValueError(f"cannot roll back a {type(layer).__name__} cache layer")
-    return point
-
-
-def roll_back(cache: Any, point: list[tuple] | tuple) -> Any:
-    """The cache as it was at rollback_point (None if there was none)."""
-    if point is _NO_CACHE:
-        return None
-    for layer, p in zip(cache.layers, point):
-        if p[0] == "crop":
-            if layer.keys is None:  # not written yet (no slot reached it)
-                continue
-            layer.keys, layer.values = layer.keys[..., : p[1], :], layer.values[..., : p[1], :]
-        else:
-            layer.keys, layer.values, layer.cumulative_length, layer.is_initialized = p[1:]
-    return cache
 
 
 def per_row(value: Any, rows: int) -> list:
@@ -140,10 +107,24 @@ class Conversation:
             system = [system[i] for i in index.tolist()]
         other = Conversation(system, 0)
         other.tokens, other.mask, other.open_turn = self.tokens[index], self.mask[index], self.open_turn
-        if self.cache is not None:
-            other.cache = copy.deepcopy(self.cache)
-            other.cache.batch_select_indices(index.to(device))
+        other.cache = select_rows(self.cache, index.to(device))
         return other
+
+
+@contextlib.contextmanager
+def native_gqa(device: torch.device):
+    """On the CPU, transformers' SDPA path attends with grouped K/V heads natively (`enable_gqa`, its own switch
+    TRANSFORMERS_SDPA_FORCE_GQA) instead of copying them to every query head (`repeat_kv`) whenever a mask is given:
+    the same values bit for bit on the CPU (tests/test_engine.py), without a copy of the cache per layer and call.
+    On CUDA transformers' own choice stands (a masked GQA call there may fall back to the math kernel)."""
+    if device.type != "cpu" or os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is not None:
+        yield
+        return
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
 
 
 class ConversationRunner(Probing):
@@ -174,10 +155,13 @@ class ConversationRunner(Probing):
         start = self._cached(conv)
         if start == conv.tokens.shape[1]:
             return None
+        if conv.cache is None:
+            conv.cache = new_cache(self.model)
         mask = conv.mask.to(self.device)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]
-        out = self.model(input_ids=conv.tokens[:, start:].to(self.device), attention_mask=mask.long(),
-                         position_ids=positions, past_key_values=conv.cache, use_cache=True, **kwargs)
+        with native_gqa(self.device):
+            out = self.model(input_ids=conv.tokens[:, start:].to(self.device), attention_mask=mask.long(),
+                             position_ids=positions, past_key_values=conv.cache, use_cache=True, **kwargs)
         conv.cache = out.past_key_values
         return out
 
@@ -228,18 +212,21 @@ class ConversationRunner(Probing):
 
     @torch.no_grad()
     def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None,
-            reminder: str | None | Sequence[str | None] = None) -> list[str]:
+            reminder: str | None | Sequence[str | None] = None, close: bool = True) -> list[str]:
         """Appends one user turn per row (one text for all, or one each) and the model's answers; `reminder`: a
-        system prompt re-inserted before the turn (see user_turn_ids), one for all rows or one each."""
+        system prompt re-inserted before the turn (see user_turn_ids), one for all rows or one each. `close=False`
+        (a probe on a fork that is thrown away): the answers are not closed and the turn is not re-encoded."""
         if conv.tokens.shape[1] == 0:
             self._open(conv)
         if self.mechanism is not None:
             self.mechanism.begin_turn()
-        mark = rollback_point(conv.cache) if self._clean() else None
+        mark = rollback_point(conv.cache) if self._clean() and close else None
         texts, reminders = per_row(user_text, conv.rows), per_row(reminder, conv.rows)
         conv.append([self.user_turn_ids(t, conv.open_turn, r) for t, r in zip(texts, reminders)], self.chat.pad_id)
         conv.open_turn = False
         answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
+        if not close:
+            return [self.chat.decode(a) for a in answers]
         conv.append([self.chat.close_assistant()] * conv.rows, self.chat.pad_id)  # fed later, or now if turn-bound
         if mark is not None:  # clean history: the finished turn is cached again, unsteered
             conv.cache = roll_back(conv.cache, mark)
@@ -280,15 +267,25 @@ class ConversationRunner(Probing):
         sorted_p[drop] = 0
         return order.gather(1, torch.multinomial(sorted_p, 1)).squeeze(1)
 
-    def on_fork(self, conv: Conversation, index: Sequence[int], fn, *args):
-        """fn(fork, *args) on rows `index` of conv; the conversation and the mechanism's state are untouched."""
-        index_t = torch.tensor(list(index), dtype=torch.long)
+    def on_fork(self, conv: Conversation, index: Sequence[int], fn, *args, **kwargs):
+        """fn(fork, *args, **kwargs) on rows `index` of conv; the conversation and the mechanism's state are
+        untouched afterwards. Rows 0..rows-1 in order need no copy: fn runs on conv itself, and what it added (slots,
+        cache entries, mechanism state) is taken back; other rows are copied out (Conversation.select)."""
+        index = list(index)
         state = self.mechanism.snapshot() if self.mechanism is not None else None
+        whole = index == list(range(conv.rows))
+        width, open_turn, point = conv.tokens.shape[1], conv.open_turn, rollback_point(conv.cache) if whole else None
         try:
+            if whole:
+                return fn(conv, *args, **kwargs)
+            index_t = torch.tensor(index, dtype=torch.long)
             if self.mechanism is not None:
                 self.mechanism.select_rows(index_t.to(self.device))
-            return fn(conv.select(index_t, self.device), *args)
+            return fn(conv.select(index_t, self.device), *args, **kwargs)
         finally:
+            if whole:
+                conv.tokens, conv.mask, conv.open_turn = conv.tokens[:, :width], conv.mask[:, :width], open_turn
+                conv.cache = roll_back(conv.cache, point)
             if self.mechanism is not None:
                 self.mechanism.restore(state)  # the probe's turn never reaches the main conversation
 

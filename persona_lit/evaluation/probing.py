@@ -1,8 +1,10 @@
 """Probes and scoring on forks of a conversation, batched: what the drift protocol measures at a turn.
 
-Every probe question of every conversation is one row of a forked batch (the conversation's cache
-copied, `probe_batch` rows at a time); nothing asked here enters the main history. Scoring pads on the
-right, so each row's real tokens are computed exactly as alone.
+Every probe question of every conversation is one row of a forked batch, `probe_batch` rows at a time; nothing
+asked here enters the main history. Items go in waves (every row's first item, then every row's second, ...), so
+a chunk that holds each row once runs on the conversation itself and is rolled back after (no copy of the cache),
+and other chunks copy only their rows (ConversationRunner.on_fork). Scoring pads on the right, so each row's real
+tokens are computed exactly as alone.
 
 Capability cost: a few neutral exchanges (an MT-bench question and its reference answer) are scored at
 each probe turn. `kl_to_base` is KL(P_model || P_base) over the reference answer's tokens, where P_base
@@ -56,6 +58,12 @@ def per_row_probes(probes: Sequence[Probe] | Sequence[Sequence[Probe]], rows: in
     return [list(probes)] * rows
 
 
+def by_wave(rows: Sequence[Sequence]) -> list:
+    """Every row's items, the first item of each row first, then the second, ...: a chunk of conv.rows items then
+    covers rows 0..rows-1 in order and runs on the conversation itself (no copy of the cache: on_fork)."""
+    return [row[j] for j in range(max((len(r) for r in rows), default=0)) for row in rows if j < len(row)]
+
+
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -101,13 +109,14 @@ class Probing:
               turn: int) -> list[tuple[list[ProbeResult], torch.Tensor | None]]:
         """Per conversation: every probe (the same for every row, or a list per row) answered (generated) and
         scored, and the mean reply-start state (None for a row without probes)."""
-        pairs = [(b, p) for b, row in enumerate(per_row_probes(probes, conv.rows)) for p in row]
+        rows = per_row_probes(probes, conv.rows)
+        pairs = by_wave([[(b, p) for p in row] for b, row in enumerate(rows)])
         if not pairs:
             return [([], None) for _ in range(conv.rows)]
         answers: list[str] = []
         for chunk in _chunks(pairs, self.probe_batch):
             answers += self.on_fork(conv, [b for b, _ in chunk], self.say, [p.question for _, p in chunk],
-                                    self.probe_max_new_tokens)
+                                    self.probe_max_new_tokens, close=False)
         items = [ScoreItem(b, p.question, p.persona_answer) for b, p in pairs]
         items += [ScoreItem(b, p.question, p.assistant_answer) for b, p in pairs]
         scored = self.score(conv, items)
@@ -142,7 +151,7 @@ class Probing:
     def capability_cost(self, conv, exchanges: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
         """Per conversation: mean KL to the base model and mean NLL over the exchanges' answer tokens."""
         n = self.capability_tokens
-        items = [ScoreItem(b, q, a, n, True) for b in range(conv.rows) for q, a in exchanges]
+        items = [ScoreItem(b, q, a, n, True) for q, a in exchanges for b in range(conv.rows)]
         scored = self.score(conv, items)
         out = []
         for b in range(conv.rows):

@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from persona_lit.errors import UserError
+from persona_lit.models.kv_cache import GrowingLayer
 
 
 @dataclass
@@ -103,7 +104,7 @@ class SegmentCache:
             layer = self.real_cache.layers[layer_idx]
             if type(layer) is DynamicLayer:
                 layer.__class__ = LyraCacheLayer  # same fields; only the length it reports differs
-            elif not isinstance(layer, (LyraCacheLayer, DynamicSlidingWindowLayer)):  # the latter counts itself
+            elif not isinstance(layer, (LyraCacheLayer, DynamicSlidingWindowLayer, GrowingLayer)):  # these count slots
                 raise UserError(f"mechanism=lyra: the model's cache uses {type(layer).__name__} layers; Lyra "
                                 "supports transformers' dynamic cache (the default) only")
         self.segments.append(self.part, k, v, self.valid, self.pos)
