@@ -46,7 +46,7 @@ class ScriptedRunner(ConversationRunner):
         policy = self.baseline if self.mechanism._disabled else self.in_persona
         return conv.system_prompt is not None and policy(conv.tokens.shape[1])
 
-    def say(self, conv, user_text, max_new_tokens=None):
+    def say(self, conv, user_text, max_new_tokens=None, close=True):
         texts = [user_text] * conv.rows if isinstance(user_text, str) else user_text
         on = self._on(conv)
         conv.append([[0]] * conv.rows, pad_id=0)  # one slot per user turn: the turn counter

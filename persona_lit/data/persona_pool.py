@@ -183,7 +183,8 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
               f"conversations, {self.max_new_tokens} new tokens, greedy)", flush=True)
         assert self._disabled is not None
         with self._disabled(), torch.no_grad():
-            samples = generate(self._model, self.chat, pairs, self.max_new_tokens, self.generation_batch)
+            samples = generate(self._model, self.chat, pairs, self.max_new_tokens, self.generation_batch,
+                               progress="persona_pool teacher answers")
         answer = {pair: self.chat.decode(s.answer).strip() for pair, s in zip(pairs, samples)}
         records = [{"persona": x.key, "system": x.system, "turns": [[q, answer[(x.system, q)]] for q in x.questions]}
                    for x in plans]

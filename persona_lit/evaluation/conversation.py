@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from persona_lit.models.backbones import input_device
+from persona_lit.models.backbones import compute_context, input_device, mixed_dtype
 from persona_lit.models.kv_cache import new_cache, roll_back, rollback_point, select_rows
 from persona_lit.models.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
@@ -112,12 +112,13 @@ class Conversation:
 
 
 @contextlib.contextmanager
-def native_gqa(device: torch.device):
-    """On the CPU, transformers' SDPA path attends with grouped K/V heads natively (`enable_gqa`, its own switch
-    TRANSFORMERS_SDPA_FORCE_GQA) instead of copying them to every query head (`repeat_kv`) whenever a mask is given:
-    the same values bit for bit on the CPU (tests/test_engine.py), without a copy of the cache per layer and call.
-    On CUDA transformers' own choice stands (a masked GQA call there may fall back to the math kernel)."""
-    if device.type != "cpu" or os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is not None:
+def native_gqa(device: torch.device, width: int):
+    """On the CPU, a masked call of `width` > 1 new tokens attends with grouped K/V heads natively (`enable_gqa`,
+    transformers' own switch TRANSFORMERS_SDPA_FORCE_GQA) instead of copying them to every query head (`repeat_kv`):
+    the same values bit for bit on the CPU (tests/test_engine.py), 2x faster at 60 new tokens over 5k in fp32. A
+    one-token call keeps transformers' own path (the query heads packed per K/V head), which is faster there (5x in
+    bf16: the CPU's enable_gqa kernel is slow for a single query). On CUDA transformers' choice stands."""
+    if device.type != "cpu" or width <= 1 or os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is not None:
         yield
         return
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
@@ -139,6 +140,7 @@ class ConversationRunner(Probing):
         self.min_new_tokens = min_new_tokens  # benchmarks: equal work per turn (the end token is held back)
         self.probe_batch = max(1, int(probe_batch))  # rows per forked forward (bounds the copied caches)
         self.references: dict[tuple, torch.Tensor] = {}  # capability: base-model log-probs per exchange
+        self._mixed = mixed_dtype(model) if model is not None else None  # a bf16 base with float32 trainables
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +161,7 @@ class ConversationRunner(Probing):
             conv.cache = new_cache(self.model)
         mask = conv.mask.to(self.device)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]
-        with native_gqa(self.device):
+        with native_gqa(self.device, conv.tokens.shape[1] - start), compute_context(self.model, self._mixed):
             out = self.model(input_ids=conv.tokens[:, start:].to(self.device), attention_mask=mask.long(),
                              position_ids=positions, past_key_values=conv.cache, use_cache=True, **kwargs)
         conv.cache = out.past_key_values
@@ -315,13 +317,15 @@ class ConversationRunner(Probing):
     def run(self, persona: Persona | None | Sequence[Persona | None], streams: Sequence[Iterable[Any]],
             probe_turns: Sequence[int], probes: Sequence[Probe] | Sequence[Sequence[Probe]] | None = None,
             progress: bool = True, desc: str = "conversations",
-            capability: Sequence[tuple[str, str]] = ()) -> list[list[TurnRecord]]:
+            capability: Sequence[tuple[str, str]] = (), bar: Any = None) -> list[list[TurnRecord]]:
         """All `streams` (equally long) as one batch. Turn 0 is the persona alone (probes only); user turn k
         is turn k. A stream yields objects with `.text` and `.category` (MT-bench UserTurns) or strings.
         `persona`: one for every stream, or a list with one per stream (several personas in one batch).
         `probes` defaults to each row's persona's; pass them (for all rows, or a list per row) with persona=None
         for the control arm. `capability`: (question, reference answer) pairs scored at probe turns against the
         base model (probing.py).
+
+        `bar`: a tqdm bar to advance by one per turn (run_personas: one per arm), else one of its own.
 
         The context limit (context_limit()): a turn that could take any row past it is not run; the batch stops
         after its last turn that fits, with a warning, and its last records say so in `stopped` (never wraps)."""
@@ -347,7 +351,10 @@ class ConversationRunner(Probing):
         measure(0)
         n_turns = min((len(s) for s in streams), default=0)
         limit = self.context_limit()
-        for t in tqdm(range(1, n_turns + 1), desc=desc, unit="turn", disable=not progress):
+        own = bar is None
+        if own:
+            bar = tqdm(total=n_turns, desc=desc, unit="turn", disable=not progress)
+        for t in range(1, n_turns + 1):
             turns = [s[t - 1] for s in streams]
             texts = [x if isinstance(x, str) else x.text for x in turns]
             reminder = self.mechanism.turn_prefix(t) if self.mechanism else None
@@ -371,4 +378,8 @@ class ConversationRunner(Probing):
                 records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
                                              len(conv.row_ids(b)), seconds=seconds))
             measure(t)
+            bar.set_postfix_str(f"history {max(r[-1].history_tokens for r in records)} tokens", refresh=False)
+            bar.update(1)
+        if own:
+            bar.close()
         return records

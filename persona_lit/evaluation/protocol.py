@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from persona_lit.evaluation.conversation import ConversationRunner, TurnRecord
 from persona_lit.metrics import PerTurnMean, ProbeAdherence, persona_projection
@@ -75,22 +76,28 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
     bleed = bleed and runner.mechanism.name != "none"  # there it is the control arm
     units = [(p, s) for p in personas for s in streams]
     arms: dict[str, list[list[TurnRecord]]] = {"persona": [], "control": [], "baseline": [], "bleed": []}
-    for k in range(0, len(units), batch):
-        who, group = [p for p, _ in units[k : k + batch]], [s for _, s in units[k : k + batch]]
-        nobody, probes = [None] * len(who), [p.probes for p in who]
-        where = f"{k + 1}-{k + len(group)}/{len(units)}"
-        arms["persona"] += runner.run(who, group, probe_turns, progress=progress, desc=f"conversations {where}",
-                                      capability=capability)
-        with runner.mechanism.disabled():
-            if baseline:
-                arms["baseline"] += runner.run(who, group, probe_turns, progress=progress, desc=f"baseline {where}",
-                                               capability=capability)
-            if control:
-                arms["control"] += runner.run(nobody, group, probe_turns, probes=probes, progress=progress,
-                                              desc=f"control {where}", capability=capability)
-        if bleed:
-            arms["bleed"] += runner.run(nobody, group, probe_turns, probes=probes, progress=progress,
-                                        desc=f"bleed {where}", capability=capability)
+    names = [a for a, on in (("persona", True), ("baseline", baseline), ("control", control), ("bleed", bleed)) if on]
+    batches = math.ceil(len(units) / batch)
+    bars = {a: tqdm(total=batches * max((len(s) for s in streams), default=0), position=i, unit="turn",
+                    desc=f"{a} arm ({len(units)} conversations, {batches} batches)", disable=not progress,
+                    dynamic_ncols=True) for i, a in enumerate(names)}  # one bar per arm, over all its batches
+    try:
+        for k in range(0, len(units), batch):
+            who, group = [p for p, _ in units[k : k + batch]], [s for _, s in units[k : k + batch]]
+            nobody, probes = [None] * len(who), [p.probes for p in who]
+            common = dict(progress=progress, capability=capability)
+            arms["persona"] += runner.run(who, group, probe_turns, bar=bars["persona"], **common)
+            with runner.mechanism.disabled():
+                if baseline:
+                    arms["baseline"] += runner.run(who, group, probe_turns, bar=bars["baseline"], **common)
+                if control:
+                    arms["control"] += runner.run(nobody, group, probe_turns, probes=probes, bar=bars["control"],
+                                                  **common)
+            if bleed:
+                arms["bleed"] += runner.run(nobody, group, probe_turns, probes=probes, bar=bars["bleed"], **common)
+    finally:
+        for b in bars.values():
+            b.close()
     out, n = [], len(streams)
     for i, persona in enumerate(personas):
         mine = {arm: records[i * n : (i + 1) * n] for arm, records in arms.items()}

@@ -13,6 +13,7 @@ from persona_lit.models.backbones import decoder_layers, load_backbone
 from persona_lit.build import (attach_mechanism, place, plain, require_writable, resolve_device, resolve_persona,
                                resolve_precision, restore)
 from persona_lit.evaluation.conversation import ConversationRunner
+from persona_lit.evaluation.memory import longest_history, plan_batch
 from persona_lit.evaluation.protocol import merge, run_personas, summarize
 from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges, references_fingerprint
 from persona_lit.errors import UserError
@@ -85,6 +86,8 @@ def drift_inputs(cfg: DictConfig) -> tuple[MTBenchDataModule, Judge | None, list
     if cfg.judge.url and not cfg.judge.model:
         raise UserError(f"judge.url={cfg.judge.url}: also set judge.model (the endpoint's model name)")
     for key in ("capability_exchanges", "capability_tokens", "probe_batch", "conversation_batch"):
+        if cfg[key] is None and key == "conversation_batch":  # null: chosen from the memory estimate
+            continue
         if int(cfg[key]) < (0 if key == "capability_exchanges" else 1):
             raise UserError(f"{key}={cfg[key]}: must be >= {0 if key == 'capability_exchanges' else 1}")
     judge = None
@@ -139,6 +142,19 @@ def drift_setup(cfg: DictConfig, turns: MTBenchDataModule, chosen, device: torch
     return DriftSetup(backbone, mechanism, personas, runner, capability, probe_turns, precision, config, axis)
 
 
+def conversation_batch(cfg: DictConfig, setup: DriftSetup, streams, device: torch.device) -> int:
+    """cfg.conversation_batch, checked against the KV cache's estimated size, or (null) the most rows that fit
+    (evaluation/memory.py); prints the plan in one line."""
+    model = setup.runner.model
+    history = longest_history(setup.backbone.chat, setup.personas + [None], streams, int(cfg.max_new_tokens))
+    limit = setup.runner.context_limit()
+    plan = plan_batch(cfg.conversation_batch, len(setup.personas) * len(streams), model,
+                      model.get_input_embeddings().weight.dtype, min(history, limit) if limit else history,
+                      int(cfg.probe_batch), device)
+    print(f"persona_lit: {plan.line()}", flush=True)
+    return plan.rows
+
+
 def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge | None, chosen, device, shards):
     """Load, place, run the protocol (on this rank's share of the conversations), report (on rank 0)."""
     main = shards is None or shards.is_main
@@ -149,8 +165,8 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     streams = shards.share(turns.streams) if shards else turns.streams
     results = run_personas(runner, personas, streams, probe_turns, control=bool(cfg.control),
                            baseline=bool(cfg.baseline), bleed=bool(cfg.get("bleed", False)), capability=capability,
-                           capability_tokens=int(cfg.capability_tokens), batch=int(cfg.conversation_batch),
-                           progress=main)  # conversations of several personas share a batch
+                           capability_tokens=int(cfg.capability_tokens),
+                           batch=conversation_batch(cfg, setup, streams, device), progress=main)  # conversations of several personas share a batch
     by_persona = {persona.key: result for persona, result in zip(personas, results)}
     if shards is not None:  # every rank's conversations, in their original order, on rank 0
         gathered = shards.gather(list(by_persona.values()), len(turns.streams))

@@ -194,7 +194,7 @@ def load_backbone(cfg: Any, device: torch.device | str | None = None) -> Backbon
     quant = _quantization(cfg)
     if cfg.get("tiny"):
         tokenizer = _cached_tokenizer(str(_converted_gguf_dir(cfg.tokenizer_from)))
-        model = _tiny_model(cfg, tokenizer).to(dtype)
+        model = keep_rotary_fp32(_tiny_model(cfg, tokenizer)).to(dtype)
         if quant is not None:  # bitsandbytes quantizes on the library's own path: saved, loaded with the config
             with tempfile.TemporaryDirectory(prefix="persona_lit_tiny.") as tmp:
                 model.save_pretrained(tmp)
@@ -220,8 +220,56 @@ def load_backbone(cfg: Any, device: torch.device | str | None = None) -> Backbon
         model.eval()
     if quant is not None:
         _no_cpu_packing(model)
+    keep_rotary_fp32(model)
     chat = ChatTokenizer(tokenizer, chat_format(cfg.chat_format), cfg.get("default_system_prompt"))
     return Backbone(str(cfg.name), model, tokenizer, chat, fingerprint(model))
+
+
+def keep_rotary_fp32(model: nn.Module) -> nn.Module:
+    """Rotary embeddings stay float32 whatever the model is cast to. `model.to(torch.bfloat16)` (build.place, a
+    tiny model's dtype, Lightning's `bf16-true`) also rounds the rotary `inv_freq` buffers: on SmolLM2, 12 of its 32
+    rotary pairs are then more than 0.1 rad off at 5,000 tokens of distance, so a persona far back in the history
+    sits at wrong relative positions (loading at the dtype keeps them float32: transformers computes them so). Each
+    rotary module keeps a float32 copy of its `*inv_freq` buffers, taken now, and a forward pre-hook puts it back
+    (on the buffer's device) whenever a cast changed the dtype. Idempotent."""
+    for module in model.modules():
+        names = [n for n, b in module._buffers.items() if n.endswith("inv_freq") and b is not None]
+        if not names or hasattr(module, "_persona_lit_rotary"):
+            continue
+        module._persona_lit_rotary = {n: module._buffers[n].detach().to("cpu", torch.float32).clone() for n in names}
+        module.register_forward_pre_hook(_rotary_fp32_hook)
+    return model
+
+
+def _rotary_fp32_hook(module: nn.Module, args) -> None:
+    for name, kept in module._persona_lit_rotary.items():
+        buffer = module._buffers[name]
+        if buffer.dtype != torch.float32:
+            module._buffers[name] = kept.to(buffer.device)
+
+
+def mixed_dtype(model: nn.Module) -> torch.dtype | None:
+    """bf16/fp16 where the base weights are in it and some parameter is float32 (trainable master weights, kept
+    float32 by PersonaLitModule); None otherwise."""
+    try:
+        low = model.get_input_embeddings().weight.dtype
+    except (AttributeError, NotImplementedError):
+        return None
+    if low not in (torch.bfloat16, torch.float16) or not any(p.dtype == torch.float32 for p in model.parameters()):
+        return None
+    return low
+
+
+def compute_context(model: nn.Module, dtype: torch.dtype | None | str = "find"):
+    """An autocast context in the base's dtype where the model mixes a bf16/fp16 base with float32 weights
+    (mixed_dtype; pass `dtype` when known): matmuls in bf16, the float32 weights cast per call, their gradients
+    float32. Otherwise no context."""
+    import contextlib
+
+    dtype = mixed_dtype(model) if dtype == "find" else dtype
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=input_device(model).type, dtype=dtype)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

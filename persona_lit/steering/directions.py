@@ -48,11 +48,14 @@ def _chunks(items: list, size: int):
 
 
 def generate(model: torch.nn.Module, chat: ChatTokenizer, pairs: Sequence[tuple[str | None, str]],
-             max_new_tokens: int, batch: int) -> list[Sample]:
+             max_new_tokens: int, batch: int, progress: str | None = None) -> list[Sample]:
     """Greedy answers, `batch` rows at a time (rows of one batch share their system prompt), through the
     conversation runner; the answer ids are the ids generated, never re-tokenised text. Where a sliding-window
     layer could see a row's left padding (transformers counts padded slots in the window), only prompts of
-    equal length share a batch, so every row is generated exactly as alone."""
+    equal length share a batch, so every row is generated exactly as alone. `progress`: a bar of that name over
+    the answers."""
+    from tqdm.auto import tqdm
+
     runner = ConversationRunner(model, chat, None, max_new_tokens)
     close = chat.close_assistant()
     prompts = [prompt_ids(chat, system, q) for system, q in pairs]
@@ -62,6 +65,7 @@ def generate(model: torch.nn.Module, chat: ChatTokenizer, pairs: Sequence[tuple[
     groups: dict[tuple, list[int]] = {}
     for i in sorted(range(len(pairs)), key=lambda i: len(prompts[i])):  # similar lengths: little padding
         groups.setdefault((pairs[i][0], len(prompts[i]) if exact else 0), []).append(i)
+    bar = tqdm(total=len(pairs), desc=progress, unit="answer", disable=progress is None, mininterval=2.0)
     for (system, _), indices in groups.items():
         for chunk in _chunks(indices, batch):
             conv = Conversation(system, len(chunk))
@@ -70,6 +74,8 @@ def generate(model: torch.nn.Module, chat: ChatTokenizer, pairs: Sequence[tuple[
                 row, prompt = conv.row_ids(b), prompts[i]
                 assert row[: len(prompt)] == prompt and row[-len(close) :] == close, "runner ids out of step"
                 out[i] = Sample(prompt, row[len(prompt) : len(row) - len(close)])
+            bar.update(len(chunk))
+    bar.close()
     return out  # type: ignore[return-value]
 
 

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from persona_lit.evaluation.protocol import merge, run_personas, summarize
 from persona_lit.errors import UserError
-from persona_lit.evaluation.runner import drift_inputs, drift_placement, drift_setup
+from persona_lit.evaluation.runner import conversation_batch, drift_inputs, drift_placement, drift_setup
 from persona_lit.outputs import staged_dir
 
 KL = "capability/kl_to_base"
@@ -111,7 +111,7 @@ def run_task(cfg: DictConfig) -> Path:
     def arm(personas) -> dict[str, Any]:
         results = run_personas(runner, personas, turns.streams, probe_turns, control=False, baseline=False,
                                capability=setup.capability, capability_tokens=int(cfg.capability_tokens),
-                               batch=int(cfg.conversation_batch))
+                               batch=conversation_batch(cfg, setup, turns.streams, runner.device))
         return summarize(merge(results), probe_turns)["metrics"]
 
     before, sweep = mech.alpha, []

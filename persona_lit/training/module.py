@@ -14,6 +14,7 @@ from persona_lit.data.dialogues import IGNORE
 from persona_lit.training.distill import fresh_persona_kl
 from persona_lit.errors import UserError
 from persona_lit.mechanisms.base import Mechanism
+from persona_lit.models.backbones import compute_context
 
 
 def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -22,6 +23,15 @@ def masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels
     t = F.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
     s = F.log_softmax(student_logits[:, :-1][mask].float(), dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def master_weights_fp32(params: list[nn.Parameter]) -> None:
+    """Trainable tensors are float32 whatever the base model's dtype: an AdamW update at lr 5e-5 on a bf16 weight
+    of size ~1 falls below bf16's resolution (2^-8 relative) and is lost. Cast in place (the same Parameter
+    objects, so the optimizer and the model see one tensor); the forward runs under compute_context."""
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 class PersonaLitModule(L.LightningModule):
@@ -54,6 +64,10 @@ class PersonaLitModule(L.LightningModule):
         return extra
 
     def _loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        with compute_context(self.model):  # a bf16 base with float32 trainable weights: autocast
+            return self._loss_in(batch, stage)
+
+    def _loss_in(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], **self._extra(batch))
         loss = out.loss
         n = batch["input_ids"].shape[0]
@@ -108,6 +122,7 @@ class PersonaLitModule(L.LightningModule):
         params = list(self.mechanism.trainable_parameters())
         if not params:
             return None
+        master_weights_fp32(params)
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

@@ -1,0 +1,193 @@
+"""The evaluation engine's exactness: the growing cache, forks, native grouped-query attention, and bf16 without
+its two silent errors (rotary buffers rounded by a cast; trainable weights stuck in bf16)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from persona_lit.models.kv_cache import GrowingLayer, new_cache, roll_back, rollback_point, select_rows
+
+
+def _ids(bb, rows, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 2000, (rows, width), generator=g)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_growing_cache_equals_transformers_dynamic_cache_bit_for_bit(backbone_factory, name):
+    """Chunks of several widths (prompt-like, then one token at a time, past the first buffer's room), a
+    rollback and a row selection: every call's logits equal those on transformers' own DynamicCache exactly."""
+    from transformers.cache_utils import DynamicCache
+
+    bb = backbone_factory(name)
+    mask = torch.ones(3, 0, dtype=torch.long)
+    grow, plain = new_cache(bb.model), DynamicCache(config=bb.model.config)
+    assert any(isinstance(layer, GrowingLayer) for layer in grow.layers)
+    widths = [40, 7, 1, 1, 230, 1, 3] + [1] * 4
+    with torch.no_grad():
+        for k, w in enumerate(widths):
+            ids = _ids(bb, 3, w, k)
+            step = torch.ones(3, w, dtype=torch.long)
+            if k == 0:
+                step[1, :5] = 0  # left padding in one row
+            mask = torch.cat([mask, step], 1)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -w:]
+            a = bb.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=grow, use_cache=True)
+            b = bb.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=plain, use_cache=True)
+            assert torch.equal(a.logits, b.logits), k
+            if k == 3:  # roll both back over this call and the one before, then go on
+                point = rollback_point(grow)
+        assert grow.get_seq_length() == plain.get_seq_length() == mask.shape[1]
+        # rows 2, 0, 0 of both caches, one more token each: equal, and the originals untouched
+        index = torch.tensor([2, 0, 0])
+        fork_g, fork_p = select_rows(grow, index), DynamicCache(config=bb.model.config)
+        import copy
+
+        fork_p = copy.deepcopy(plain)
+        fork_p.batch_select_indices(index)
+        before = [layer.keys.clone() for layer in grow.layers]
+        m2 = torch.cat([mask[index], torch.ones(3, 1, dtype=torch.long)], 1)
+        pos = (m2.cumsum(1) - 1)[:, -1:]
+        ids = _ids(bb, 3, 1, 99)
+        a = bb.model(input_ids=ids, attention_mask=m2, position_ids=pos, past_key_values=fork_g, use_cache=True)
+        b = bb.model(input_ids=ids, attention_mask=m2, position_ids=pos, past_key_values=fork_p, use_cache=True)
+        assert torch.equal(a.logits, b.logits)
+        assert all(torch.equal(x, layer.keys) for x, layer in zip(before, grow.layers))
+    lengths = {layer.get_seq_length() for layer in roll_back(grow, point).layers if isinstance(layer, GrowingLayer)}
+    assert lengths == {sum(widths[:4])}
+
+
+def test_a_zero_width_growing_layer_reports_its_slots():
+    """Lyra writes [B, heads, N, 0] entries for its chosen layers; transformers reads the length from layer 0."""
+    layer = GrowingLayer()
+    layer.update(torch.zeros(2, 3, 5, 0), torch.zeros(2, 3, 5, 0))
+    layer.update(torch.zeros(2, 3, 1, 0), torch.zeros(2, 3, 1, 0))
+    assert layer.get_seq_length() == 6 and layer.keys.shape == (2, 3, 6, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_native_grouped_query_attention_equals_repeated_heads_on_the_cpu(dtype, q_len):
+    """What TRANSFORMERS_SDPA_FORCE_GQA switches to (conversation.native_gqa), with a padding mask, over a strided
+    view of a growing buffer: bit for bit the values of transformers' repeat_kv path."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 9, q_len, 64, generator=g).to(dtype)
+    buf_k, buf_v = torch.randn(3, 3, 350, 64, generator=g).to(dtype), torch.randn(3, 3, 350, 64, generator=g).to(dtype)
+    k, v = buf_k[:, :, :300], buf_v[:, :, :300]
+    mask = torch.ones(3, 1, q_len, 300, dtype=torch.bool)
+    mask[0, ..., :7] = False
+    want = F.scaled_dot_product_attention(q, repeat_kv(k.contiguous(), 3), repeat_kv(v.contiguous(), 3), attn_mask=mask)
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.equal(got, want)
+
+
+def _cast_bf16(model):
+    from persona_lit.build import place
+    from persona_lit.mechanisms.none import NoMechanism
+
+    place(model, NoMechanism(), torch.device("cpu"), torch.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_bf16_cast_keeps_rotary_buffers_float32(backbone_factory, name):
+    """build.place(bf16) casts the model; its rotary inv_freq buffers must stay float32 (they are after a forward),
+    and the cos/sin a layer gets at position 5000 are float32-exact angles rounded once to bf16 (a bf16 inv_freq
+    puts them up to several radians off)."""
+    ref, low = backbone_factory(name).model, _cast_bf16(backbone_factory(name).model)
+    with torch.no_grad():
+        low(input_ids=_ids(None, 1, 4, 0))
+    rotary = {n: b.dtype for n, b in low.named_buffers() if n.endswith("inv_freq")}
+    assert rotary and set(rotary.values()) == {torch.float32}
+    emb = next(m for n, m in low.named_modules() if n.endswith("rotary_emb"))
+    emb32 = next(m for n, m in ref.named_modules() if n.endswith("rotary_emb"))
+    x, pos = torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.tensor([[5000]])
+    for extra in [(t,) for t in getattr(emb, "layer_types", [])] or [()]:
+        cos, sin = emb(x, pos, *extra)
+        cos32, sin32 = emb32(x.float(), pos, *extra)
+        assert float((cos.float() - cos32).abs().max()) <= 2 ** -7 and float((sin.float() - sin32).abs().max()) <= 2 ** -7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_bf16_logits_at_a_long_distance_are_as_close_to_float32_as_near(backbone_factory, name):
+    """The real models in bf16 (cast by build.place): the logits of 12 tokens placed 5,000 positions after 12 others
+    are within bf16's own rounding of float32's, as with no gap; a rounded rotary inv_freq makes them far worse."""
+    ref, low = backbone_factory(name).model, _cast_bf16(backbone_factory(name).model)
+    ids = _ids(None, 1, 24, 0)
+    errors = {}
+    with torch.no_grad():
+        for gap in (0, 5000):  # relative distance is what rotary encodes
+            pos = torch.cat([torch.arange(12), torch.arange(12, 24) + gap])[None]
+            a = ref(input_ids=ids, position_ids=pos).logits[:, 12:]
+            b = low(input_ids=ids, position_ids=pos).logits[:, 12:].float()
+            errors[gap] = float(((a - b).norm() / a.norm()))
+    # measured: SmolLM2 0.0064 near, 0.0175 far (cos/sin rounded to bf16 at every angle); with a bf16 inv_freq 0.065;
+    # Gemma-3-270M 0.050 / 0.062, with a bf16 inv_freq 0.51
+    assert errors[5000] < 3 * errors[0] + 0.005, errors
+
+
+@pytest.mark.parametrize("mechanism", [
+    {"name": "lyra", "options": {"layers": [1, 3], "train_layers": True}},
+    {"name": "lyra", "options": {"layers": [0, 2], "train_layers": True, "lora_r": 4}},
+    {"name": "triplet", "options": {"layers": [1, 2], "memory_tokens": 16}},
+    {"name": "lora", "options": {"r": 4, "alpha": 8, "dropout": 0.0}},
+])
+def test_trainable_weights_stay_float32_and_move_on_a_bf16_model(backbone_factory, mechanism):
+    """A bf16 base model (model.dtype=bfloat16): every trainable tensor is float32 once training starts, a few
+    AdamW steps at lr 5e-5 move each of them (in bf16 most of these updates would round away), the frozen base
+    stays bf16 and unchanged."""
+    import lightning as L
+
+    from persona_lit.build import attach_mechanism
+    from persona_lit.data import PersonaDialogueDataModule
+    from persona_lit.personas.load import load_persona
+    from persona_lit.training.module import PersonaLitModule
+
+    bb = backbone_factory("tiny-llama", dtype="bfloat16")
+    model, mech = attach_mechanism(bb, OmegaConf.create(mechanism))
+    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and {p.dtype for p in frozen.values()} == {torch.bfloat16}
+    start = {n: p.detach().float().clone() for n, p in trainable.items()}
+    module = PersonaLitModule(model, mech, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-5))
+    data = PersonaDialogueDataModule(bb.chat, load_persona("stoic"), max_length=96, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    now = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    assert {p.dtype for p in now.values()} == {torch.float32}
+    moved = [n for n, p in now.items() if not torch.equal(p.detach(), start[n])]
+    # Triplet's gate starts at 0, so its projections get no gradient until the gate moves: the gate must move
+    assert moved and (len(moved) == len(now) or mechanism["name"] == "triplet"), sorted(set(now) - set(moved))
+    if mechanism["name"] == "triplet":
+        assert any("triplet_gate" in n for n in moved)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), frozen[n]), n
+
+
+def test_fork_of_every_row_runs_in_place_and_leaves_the_conversation_as_it_was(backbone_factory):
+    """on_fork with rows 0..rows-1 runs on the conversation itself (no copy) and takes back what it added: the
+    same tokens, cache length and next answer as a conversation that never forked; a copied fork gives the same
+    probe answer as the in-place one."""
+    from persona_lit.evaluation.conversation import ConversationRunner
+    from persona_lit.mechanisms.none import NoMechanism
+
+    bb = backbone_factory("tiny-llama")
+    runner = ConversationRunner(bb.model, bb.chat, NoMechanism(), max_new_tokens=6, probe_max_new_tokens=5)
+    a, b = runner.start(None, rows=2), runner.start(None, rows=2)
+    for conv in (a, b):
+        runner.say(conv, ["Hello there.", "Tell me a fact."])
+    tokens, cached = a.tokens.clone(), a.cache.get_seq_length()
+    in_place = runner.on_fork(a, [0, 1], runner.say, ["What is your name?"] * 2, 5, close=False)
+    copied = runner.on_fork(a, [1, 0], runner.say, ["What is your name?"] * 2, 5, close=False)
+    assert in_place == copied[::-1]
+    assert torch.equal(a.tokens, tokens) and a.cache.get_seq_length() == cached
+    assert runner.say(a, ["And then?", "Why?"]) == runner.say(b, ["And then?", "Why?"])
