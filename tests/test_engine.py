@@ -38,15 +38,14 @@ def test_growing_cache_equals_transformers_dynamic_cache_bit_for_bit(backbone_fa
             a = bb.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=grow, use_cache=True)
             b = bb.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=plain, use_cache=True)
             assert torch.equal(a.logits, b.logits), k
-            if k == 3:  # roll both back over this call and the one before, then go on
+            if k == 3:  # the point to roll back to at the end
                 point = rollback_point(grow)
         assert grow.get_seq_length() == plain.get_seq_length() == mask.shape[1]
         # rows 2, 0, 0 of both caches, one more token each: equal, and the originals untouched
         index = torch.tensor([2, 0, 0])
-        fork_g, fork_p = select_rows(grow, index), DynamicCache(config=bb.model.config)
         import copy
 
-        fork_p = copy.deepcopy(plain)
+        fork_g, fork_p = select_rows(grow, index), copy.deepcopy(plain)
         fork_p.batch_select_indices(index)
         before = [layer.keys.clone() for layer in grow.layers]
         m2 = torch.cat([mask[index], torch.ones(3, 1, dtype=torch.long)], 1)
@@ -191,3 +190,29 @@ def test_fork_of_every_row_runs_in_place_and_leaves_the_conversation_as_it_was(b
     assert in_place == copied[::-1]
     assert torch.equal(a.tokens, tokens) and a.cache.get_seq_length() == cached
     assert runner.say(a, ["And then?", "Why?"]) == runner.say(b, ["And then?", "Why?"])
+
+
+def test_conversation_batch_is_chosen_from_the_kv_cache_estimate_and_a_batch_that_cannot_fit_is_refused(
+        backbone_factory):
+    """kv_bytes_per_row counts every layer's K and V (a sliding layer only its window); plan_batch takes the most
+    rows that fit (with one copied probe fork and the cache's spare room) and refuses a given batch that cannot."""
+    from persona_lit.errors import UserError
+    from persona_lit.evaluation.memory import ROOM, USABLE, kv_bytes_per_row, plan_batch
+
+    llama, gemma = backbone_factory("tiny-llama").model, backbone_factory("tiny-gemma3").model
+    # tiny-llama: 4 layers x (K + V) x 2 KV heads x head dim 16 x 4 bytes per token
+    assert kv_bytes_per_row(llama, 1000, torch.float32) == 1000 * 4 * 2 * 2 * 16 * 4
+    assert kv_bytes_per_row(llama, 1000, torch.bfloat16) == 1000 * 4 * 2 * 2 * 16 * 2
+    # tiny-gemma3: 2 global layers hold 1000 tokens, 4 sliding layers their window of 16
+    assert kv_bytes_per_row(gemma, 1000, torch.float32) == (2 * 1000 + 4 * 16) * 2 * 2 * 16 * 4
+    row = kv_bytes_per_row(llama, 1000, torch.float32)
+    free = int(10 * row * ROOM / USABLE) + 1  # room for 10 rows' caches
+    cpu = torch.device("cpu")
+    auto = plan_batch(None, 64, llama, torch.float32, 1000, 4, cpu, free=free)
+    assert auto.rows == 6 and auto.auto  # 6 rows + a 4-row probe fork = 10
+    assert plan_batch(None, 3, llama, torch.float32, 1000, 4, cpu, free=free).rows == 3  # no more than the units
+    assert plan_batch(5, 64, llama, torch.float32, 1000, 4, cpu, free=free).rows == 5
+    with pytest.raises(UserError, match=r"conversation_batch=8: the KV cache would need .* use conversation_batch<=6"):
+        plan_batch(8, 64, llama, torch.float32, 1000, 4, cpu, free=free)
+    with pytest.raises(UserError, match="use fewer turns"):
+        plan_batch(None, 64, llama, torch.float32, 1000, 4, cpu, free=row)
