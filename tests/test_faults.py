@@ -248,13 +248,13 @@ def test_evaluation_killed_half_way_leaves_no_results(tmp_path):
                             stderr=subprocess.PIPE)
     seen, deadline = b"", time.monotonic() + 90
     try:
-        while b"conversations 1-2/2" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        while b"control arm" not in seen and time.monotonic() < deadline and proc.poll() is None:
             if select.select([proc.stderr], [], [], 1)[0]:
                 seen += os.read(proc.stderr.fileno(), 65536)  # tqdm redraws with \r: read bytes, not lines
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    assert b"conversations 1-2/2" in seen and proc.returncode == -signal.SIGKILL, seen[-3000:]
+    assert b"control arm" in seen and proc.returncode == -signal.SIGKILL, seen[-3000:]
     assert not out.exists()
     assert not list(tmp_path.rglob("results.json")) and not os.listdir(tmp_path)  # no temp dir that looks like one
 
