@@ -216,3 +216,136 @@ def test_conversation_batch_is_chosen_from_the_kv_cache_estimate_and_a_batch_tha
         plan_batch(8, 64, llama, torch.float32, 1000, 4, cpu, free=free)
     with pytest.raises(UserError, match="use fewer turns"):
         plan_batch(None, 64, llama, torch.float32, 1000, 4, cpu, free=row)
+
+
+# --- forks that share the conversation's cache (models/shared_prefix.py) ------------------------------------------
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len", [1, 7])
+def test_shared_prefix_attention_equals_attention_over_the_whole_history(flash, dtype, q_len):
+    """SharedPrefixLayer.attend (history once per parent row, suffix per fork row, merged by log-sum-exp) against
+    sdpa over each fork row's copied [history ; suffix], with left padding in the history and the suffix, uneven
+    fork rows per parent row, grouped K/V heads; both kernels of _attention (the CPU's flash, the float32 matmuls)."""
+    from persona_lit.models import shared_prefix
+    from persona_lit.models.shared_prefix import SharedPrefixLayer
+
+    torch.manual_seed(0)
+    rows, kv, group, dim, n0, s = 3, 2, 3, 16, 11, 5 + q_len
+    parent = GrowingLayer()
+    hist_k, hist_v = torch.randn(rows, kv, n0, dim, dtype=dtype), torch.randn(rows, kv, n0, dim, dtype=dtype)
+    parent.update(hist_k, hist_v)
+    index = torch.tensor([2, 0, 2, 1, 2])  # parent rows 2, 0, 2, 1, 2: three forks of row 2
+    layer = SharedPrefixLayer(parent, index)
+    suf_k, suf_v = torch.randn(len(index), kv, s, dim, dtype=dtype), torch.randn(len(index), kv, s, dim, dtype=dtype)
+    k, v = layer.update(suf_k, suf_v)
+    assert layer.get_seq_length() == n0 + s and torch.equal(k, suf_k)
+    query = torch.randn(len(index), kv * group, q_len, dim, dtype=dtype)
+    pad = torch.ones(rows, n0, dtype=torch.bool)
+    pad[0, :3], pad[1, :1] = False, False  # left padding of the history
+    visible = torch.ones(len(index), s, dtype=torch.bool)
+    visible[1, :2] = False  # a fork row whose prompt was padded on the left
+    causal = torch.ones(q_len, s, dtype=torch.bool).tril(s - q_len)
+    mask = torch.cat([pad[index][:, None, None, :].expand(-1, 1, q_len, n0),
+                      (visible[:, None, :] & causal)[:, None]], -1)
+    full_k, full_v = torch.cat([hist_k[index], suf_k], 2), torch.cat([hist_v[index], suf_v], 2)
+    want = F.scaled_dot_product_attention(query.float(), full_k.float().repeat_interleave(group, 1),
+                                          full_v.float().repeat_interleave(group, 1), attn_mask=mask, scale=0.3)
+    real = mask.any(-1)[:, 0]  # queries with a visible slot (every one here)
+    original = shared_prefix._attention
+    shared_prefix._attention = lambda *a, **kw: original(*a, flash=flash)
+    try:
+        got = layer.attend(query, k, v, mask, 0.3).transpose(1, 2).float()
+    finally:
+        shared_prefix._attention = original
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert real.all() and (got - want).abs().max() < tol
+    assert torch.equal(parent.keys, hist_k) and parent.get_seq_length() == n0  # the history is only read
+
+
+def _mixed_conversation(runner):
+    from persona_lit.personas.types import Persona
+
+    personas = [Persona(name="cato", system_prompt="You are Cato, a terse pirate captain who ends with 'fair winds!'."),
+                Persona(name="mira", system_prompt="You are Mira, a botanist."),
+                Persona(name="ode", system_prompt="You are Ode, a poet who answers in rhyme and loves long words.")]
+    conv = runner.start(personas, rows=3)  # three persona segments of different lengths: a padded history
+    for text in (["Hello there, who are you?", "Hi.", "What is the weather like today at sea?"],
+                 "Tell me one thing you like."):
+        runner.say(conv, text)
+    return conv
+
+
+def _probe_everything(runner, conv):
+    """Generated probe answers (their tokens, by row) and scored answers (full log-probs) on forks of conv; the
+    fork rows are uneven per conversation row (row 0 three times, row 2 once)."""
+    from persona_lit.evaluation.probing import ScoreItem
+
+    index = [0, 1, 0, 2, 1, 0]
+    questions = ["What is your name?", "Say hi.", "Where do you live?", "Count to five.", "Favourite food?", "Sing."]
+    tokens = runner.on_fork(conv, index, lambda fork: (runner.say(fork, questions, 6, close=False),
+                                                       fork.tokens.clone())[1])
+    items = [ScoreItem(b, q, a, None, True) for b in (0, 1, 2)
+             for q, a in [("Your name?", "My name is Cato, fair winds!"), ("Hi", "Hello. How can I help?")]]
+    return tokens, [s.logprobs for s in runner.score(conv, items)]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("mechanism", ["none", "repeat"])
+def test_shared_forks_give_the_copying_forks_answers_and_scores(backbone_factory, name, mechanism):
+    """The same probe tokens and the same scored log-probs (fp32) whether forks copy their rows or share the
+    conversation's cache; the conversation is as it was after either (its next answer included)."""
+    from persona_lit.evaluation.conversation import ConversationRunner
+    from persona_lit.mechanisms.none import NoMechanism
+    from persona_lit.mechanisms.repeat import RepeatMechanism
+
+    bb = backbone_factory(name)
+    mech = NoMechanism() if mechanism == "none" else RepeatMechanism(every=1)
+    runs = {}
+    for share in (False, True):
+        mech.attach(bb.model)
+        runner = ConversationRunner(bb.model, bb.chat, mech, max_new_tokens=5, probe_max_new_tokens=6,
+                                    min_new_tokens=6, probe_batch=2, share_forks=share)
+        conv = _mixed_conversation(runner)
+        assert runner.shares(conv) == share and runner.fork_rows(conv) == (6 if share else 2)
+        before = (conv.tokens.clone(), conv.cache.get_seq_length())
+        runs[share] = (*_probe_everything(runner, conv), runner.say(conv, "And then?"))
+        assert torch.equal(conv.tokens[:, : before[0].shape[1]], before[0])
+    (tok_c, lp_c, next_c), (tok_s, lp_s, next_s) = runs[False], runs[True]
+    assert torch.equal(tok_c, tok_s) and next_c == next_s
+    assert max(float((a - b).abs().max()) for a, b in zip(lp_c, lp_s)) < 1e-5
+
+
+def test_forks_share_only_under_mechanisms_that_leave_attention_alone(backbone_factory):
+    from persona_lit.evaluation.conversation import ConversationRunner
+    from persona_lit.mechanisms.lyra import LyraMechanism
+
+    bb = backbone_factory("tiny-llama")
+    mech = LyraMechanism(layers=[0])
+    model = mech.attach(bb.model)
+    runner = ConversationRunner(model, bb.chat, mech, max_new_tokens=3, probe_max_new_tokens=3, probe_batch=2)
+    conv = _mixed_conversation(runner)
+    assert not LyraMechanism.attention_untouched and not runner.shares(conv) and runner.fork_rows(conv) == 2
+
+
+@pytest.mark.slow
+def test_shared_forks_on_smollm2_token_identical_in_fp32_and_as_close_as_copying_in_bf16(backbone_factory):
+    """Real model: fp32 probe tokens identical and log-probs within 1e-4 of the copying forks'; in bf16 the shared
+    forks' log-probs are no farther from fp32 than the copying forks' are (both are bf16 rounding)."""
+    from persona_lit.evaluation.conversation import ConversationRunner
+    from persona_lit.models.backbones import keep_rotary_fp32
+
+    bb = backbone_factory("smollm2-135m-instruct")
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        keep_rotary_fp32(bb.model.to(dtype))
+        for share in (False, True):
+            runner = ConversationRunner(bb.model, bb.chat, None, max_new_tokens=16, probe_max_new_tokens=8,
+                                        probe_batch=2, share_forks=share)
+            out[dtype, share] = _probe_everything(runner, _mixed_conversation(runner))
+    (tok_c, lp_c), (tok_s, lp_s) = out[torch.float32, False], out[torch.float32, True]
+    assert torch.equal(tok_c, tok_s)
+    assert max(float((a - b).abs().max()) for a, b in zip(lp_c, lp_s)) < 1e-4
+    err = {share: max(float((a.float() - b).abs().max()) for a, b in zip(out[torch.bfloat16, share][1], lp_c))
+           for share in (False, True)}
+    assert err[True] <= 1.5 * err[False] + 0.05, err

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from persona_lit.models.backbones import compute_context, input_device, mixed_dtype
 from persona_lit.models.kv_cache import new_cache, roll_back, rollback_point, select_rows
+from persona_lit.models.shared_prefix import can_share, share_rows, sharing
 from persona_lit.models.chat import ChatTokenizer
 from persona_lit.mechanisms.base import Mechanism
 from persona_lit.personas.types import Persona, Probe
@@ -102,12 +103,20 @@ class Conversation:
 
     def select(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "Conversation":
         """Rows `index` (repeats allowed) as a new conversation with its own copy of the cache."""
+        return self._rows(index, select_rows(self.cache, index.to(device)))
+
+    def share(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "Conversation":
+        """Rows `index` (repeats allowed) as a fork that reads this conversation's cache in place and caches only
+        what it adds (models/shared_prefix.py); this conversation must not change while the fork is used."""
+        return self._rows(index, share_rows(self.cache, index.to(device)))
+
+    def _rows(self, index: torch.Tensor, cache: Any) -> "Conversation":
         system = self.system_prompt
         if isinstance(system, (list, tuple)):
             system = [system[i] for i in index.tolist()]
         other = Conversation(system, 0)
         other.tokens, other.mask, other.open_turn = self.tokens[index], self.mask[index], self.open_turn
-        other.cache = select_rows(self.cache, index.to(device))
+        other.cache = cache
         return other
 
 
@@ -132,7 +141,7 @@ class ConversationRunner(Probing):
     def __init__(self, model: torch.nn.Module, chat: ChatTokenizer, mechanism: Mechanism | None = None,
                  max_new_tokens: int = 64, probe_max_new_tokens: int = 48, do_sample: bool = False,
                  temperature: float = 0.7, top_p: float = 0.95, probe_batch: int = 8, min_new_tokens: int = 0,
-                 max_context: int | None = None):
+                 max_context: int | None = None, share_forks: bool = True):
         self.model, self.chat, self.mechanism = model, chat, mechanism
         self.max_context = max_context  # None: the model's config.max_position_embeddings (context_limit)
         self.max_new_tokens, self.probe_max_new_tokens = max_new_tokens, probe_max_new_tokens
@@ -141,6 +150,7 @@ class ConversationRunner(Probing):
         self.probe_batch = max(1, int(probe_batch))  # rows per forked forward (bounds the copied caches)
         self.references: dict[tuple, torch.Tensor] = {}  # capability: base-model log-probs per exchange
         self._mixed = mixed_dtype(model) if model is not None else None  # a bf16 base with float32 trainables
+        self.share_forks = share_forks  # probe forks read the conversation's cache in place where they can
 
     @property
     def device(self) -> torch.device:
@@ -269,10 +279,22 @@ class ConversationRunner(Probing):
         sorted_p[drop] = 0
         return order.gather(1, torch.multinomial(sorted_p, 1)).squeeze(1)
 
+    def shares(self, conv: Conversation) -> bool:
+        """Whether forks of conv share its cache (models/shared_prefix.py): a mechanism that leaves attention alone,
+        an sdpa model, a cache whose full-attention layers grow in place."""
+        return self.share_forks and (self.mechanism is None or self.mechanism.attention_untouched) and \
+            can_share(self.model, conv.cache)
+
+    def fork_rows(self, conv: Conversation) -> int:
+        """Rows per forked forward: `probe_batch`, or `probe_batch` per conversation row where forks share the
+        conversation's cache (a fork row then holds only its own prompt and answer)."""
+        return self.probe_batch * (conv.rows if self.shares(conv) else 1)
+
     def on_fork(self, conv: Conversation, index: Sequence[int], fn, *args, **kwargs):
         """fn(fork, *args, **kwargs) on rows `index` of conv; the conversation and the mechanism's state are
         untouched afterwards. Rows 0..rows-1 in order need no copy: fn runs on conv itself, and what it added (slots,
-        cache entries, mechanism state) is taken back; other rows are copied out (Conversation.select)."""
+        cache entries, mechanism state) is taken back; other rows share conv's cache where they can (shares), else
+        are copied out (Conversation.select)."""
         index = list(index)
         state = self.mechanism.snapshot() if self.mechanism is not None else None
         whole = index == list(range(conv.rows))
@@ -283,6 +305,10 @@ class ConversationRunner(Probing):
             index_t = torch.tensor(index, dtype=torch.long)
             if self.mechanism is not None:
                 self.mechanism.select_rows(index_t.to(self.device))
+            if self.shares(conv):
+                fork = conv.share(index_t, self.device)
+                with sharing(fork.cache):
+                    return fn(fork, *args, **kwargs)
             return fn(conv.select(index_t, self.device), *args, **kwargs)
         finally:
             if whole:

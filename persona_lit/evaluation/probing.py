@@ -75,7 +75,7 @@ class Probing:
     def score(self, conv, items: Sequence[ScoreItem]) -> list[Scored]:
         """Log-probabilities of fixed answers, by forward passes on forks: nothing is generated."""
         out: list[Scored] = []
-        for chunk in _chunks(list(items), self.probe_batch):
+        for chunk in _chunks(list(items), self.fork_rows(conv)):
             out += self.on_fork(conv, [it.row for it in chunk], self._score_fork, chunk)
         return out
 
@@ -114,7 +114,7 @@ class Probing:
         if not pairs:
             return [([], None) for _ in range(conv.rows)]
         answers: list[str] = []
-        for chunk in _chunks(pairs, self.probe_batch):
+        for chunk in _chunks(pairs, self.fork_rows(conv)):
             answers += self.on_fork(conv, [b for b, _ in chunk], self.say, [p.question for _, p in chunk],
                                     self.probe_max_new_tokens, close=False)
         items = [ScoreItem(b, p.question, p.persona_answer) for b, p in pairs]

@@ -26,6 +26,9 @@ class Mechanism:
     # it. False: a token's treatment does not depend on when it is fed, so the runner leaves an answer's closing
     # tokens to the next forward (the next turn's prompt, or a probe's) instead of a model call of their own.
     turn_bound: bool = True
+    # True: the model's attention function is left as it is (the mechanism changes weights, residuals or prompts),
+    # so the runner's probe forks may share the conversation's cache (models/shared_prefix.py).
+    attention_untouched: bool = False
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Wrap `model`; return the model to use from now on (PEFT returns a wrapper)."""

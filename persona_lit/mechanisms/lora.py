@@ -20,6 +20,7 @@ def linear_targets(model: nn.Module) -> list[str]:
 class LoraMechanism(Mechanism):
     name = "lora"
     turn_bound = False  # stateless per token: closing tokens may wait for the next forward
+    attention_untouched = True  # weights, prompts or nothing: attention as the model has it
 
     def __init__(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: list[str] | None = None,
                  init_lora_weights: bool | str = True):

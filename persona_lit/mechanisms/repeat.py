@@ -24,6 +24,7 @@ from persona_lit.mechanisms.base import Mechanism
 class RepeatMechanism(Mechanism):
     name = "repeat"
     turn_bound = False  # stateless per token: closing tokens may wait for the next forward
+    attention_untouched = True  # weights, prompts or nothing: attention as the model has it
 
     # Defaults as in conf/mechanism/repeat.yaml, where they are documented (a test keeps the two equal).
     def __init__(self, every: int = 4):

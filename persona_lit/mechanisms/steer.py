@@ -74,6 +74,7 @@ def _number(value: Any, key: str, allow_none: bool = False) -> float | None:
 
 class SteerMechanism(Mechanism):
     name = "steer"
+    attention_untouched = True  # it adds to the residual stream: attention as the model has it
 
     # Defaults as in conf/mechanism/steer.yaml, where they are documented (a test keeps the two equal).
     def __init__(self, direction: str | None = None, layers: int | list[int] | None = None, alpha: float = 0.25,

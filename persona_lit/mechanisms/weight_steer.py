@@ -44,6 +44,7 @@ class Originals(nn.Module):
 class WeightSteerMechanism(Mechanism):
     name = "weight_steer"
     turn_bound = False  # stateless per token: closing tokens may wait for the next forward
+    attention_untouched = True  # weights, prompts or nothing: attention as the model has it
 
     # Defaults: conf/mechanism/weight_steer.yaml (the one place they are written).
     def __init__(self, delta: Any, alpha: float, control: str | None, seed: int, weights: Any = None):

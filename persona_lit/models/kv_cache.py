@@ -169,15 +169,16 @@ def select_rows(cache: Any, index: torch.Tensor) -> Any:
         return None
     other = DynamicCache.__new__(DynamicCache)
     other.__dict__.update(cache.__dict__)
-    layers = []
-    for layer in cache.layers:
-        if isinstance(layer, GrowingLayer):
-            layers.append(layer.select_rows(index))
-        else:  # a sliding window or another dynamic layer: replaced tensors, never written in place
-            copy = layer.__class__.__new__(layer.__class__)
-            copy.__dict__.update(layer.__dict__)
-            if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
-                copy.keys, copy.values = layer.keys[index], layer.values[index]
-            layers.append(copy)
-    other.layers = layers
+    other.layers = [layer_rows(layer, index) for layer in cache.layers]
     return other
+
+
+def layer_rows(layer: Any, index: torch.Tensor) -> Any:
+    """Rows `index` of one cache layer, as a new layer."""
+    if isinstance(layer, GrowingLayer):
+        return layer.select_rows(index)
+    copy = layer.__class__.__new__(layer.__class__)  # a sliding window or another dynamic layer: replaced
+    copy.__dict__.update(layer.__dict__)  # tensors, never written in place
+    if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+        copy.keys, copy.values = layer.keys[index], layer.values[index]
+    return copy
