@@ -187,3 +187,10 @@ def test_evaluate_capability_without_reference_answers(tmp_path):
     out_dir = tmp_path / "out"
     proc = cli("evaluate.py", "model=tiny-llama", *EVAL, f"mt_bench_path={questions}", f"out_dir={out_dir}")
     user_error(proc, "capability_exchanges=3", "reference_answer/gpt-4.jsonl", absent=out_dir)
+
+
+def test_a_persona_given_twice_is_refused_before_anything_runs(tmp_path):
+    """Two personas with one key would keep one result under it: refused with one line, nothing written."""
+    out = tmp_path / "eval"
+    proc = cli("evaluate.py", "model=tiny-llama", "personas=[stoic,botanist,stoic]", *EVAL, f"out_dir={out}")
+    user_error(proc, "personas:", "'stoic'", "given twice", absent=out)

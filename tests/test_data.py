@@ -131,3 +131,24 @@ def test_capability_references_change_with_the_asked_questions():
     assert references_fingerprint(few, 64) == references_fingerprint(list(few), 64)
     assert len({references_fingerprint(few, 64), references_fingerprint(many, 64), references_fingerprint(few, 32)}) == 3
     assert references_fingerprint([], 64) is None
+
+
+def test_every_persona_and_conversation_gets_its_own_question_stream():
+    """Stream k of persona p is seeded from (seed, p, k): two personas' conversation 0 differ, a persona's
+    conversations differ, the same (seed, p, k) gives the same stream, seed=None keeps file order."""
+    from persona_lit.data.mt_bench import MTBenchDataModule
+
+    dm = MTBenchDataModule(turns=12, conversations=3, seed=0)
+    dm.setup("predict")
+    ids = lambda stream: [t.question_id for t in stream]
+    streams = dm.persona_streams(["role:pirate", "pack:stoic"])
+    assert ids(streams["role:pirate"][0]) != ids(streams["pack:stoic"][0])
+    assert len({tuple(ids(s)) for s in streams["role:pirate"]}) == 3
+    assert ids(dm.stream("role:pirate", 1)) == ids(streams["role:pirate"][1])
+    assert dm.persona_streams(["pack:stoic"], [2])["pack:stoic"][0] == streams["pack:stoic"][2]
+    for stream in streams["pack:stoic"]:  # both turns of a question stay adjacent, in order
+        assert all(t.index_in_question == 0 or stream[i - 1].question_id == t.question_id
+                   for i, t in enumerate(stream) if i)
+    fixed = MTBenchDataModule(turns=12, conversations=2, seed=None)
+    fixed.setup("predict")
+    assert ids(fixed.stream("a", 0)) == ids(fixed.stream("b", 1)) == ids(fixed.streams[0])

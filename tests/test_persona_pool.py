@@ -206,3 +206,21 @@ def test_context_limit_warns_and_stops_at_the_last_turn_that_fits(backbone_facto
     runner.max_context = 100_000
     (records,) = runner.run(persona, [["Hi."] * 3], [0, 3], progress=False)
     assert records[-1].turn == 3 and not records[-1].stopped
+
+
+@needs_data
+def test_evaluated_personas_are_a_seeded_sample_stratified_by_source(pool):
+    """Not the first personas of each source: a sample drawn with the evaluation's seed (another seed, another
+    sample), one source after another, all from the part asked for."""
+    from persona_lit.personas.split import round_robin
+
+    s = split(pool, 0)
+    test, sources = s.parts["test"], s.pool_spec["sources"]
+    first = round_robin(test, sources, 32)
+    a, b, again = round_robin(test, sources, 32, 0), round_robin(test, sources, 32, 1), round_robin(test, sources, 32, 0)
+    assert a == again and a != b and a != first and len(set(a)) == 32 and set(a) <= set(test)
+    counts = {src: sum(k.startswith(src + ":") for k in a) for src in sources}
+    available = {src: sum(k.startswith(src + ":") for k in test) for src in sources}
+    top = max(counts.values())  # round-robin: a source not exhausted is at most one behind the others
+    assert all(top - counts[src] <= 1 for src in sources if counts[src] < available[src])
+    assert round_robin(test, sources, None, 3) == list(test)  # no limit: the whole part, as it is

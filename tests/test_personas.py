@@ -39,3 +39,17 @@ def test_persona_is_complete_and_its_checks_discriminate(key):
 )
 def test_checks(check, arg, good, bad):
     assert CHECKS[check](good, arg) and not CHECKS[check](bad, arg)
+
+
+@pytest.mark.parametrize("answer,words,hit", [
+    ("I am an educator.", ["cato"], False), ("Cato here, at your service.", ["cato"], True),
+    ("Store it in an array.", ["arr"], False), ("Arr, matey!", ["arr"], True),
+    ("It is in the archive.", ["hive"], False), ("The hive hums.", ["hive"], True),
+    ("Cato's ship sails.", ["cato"], True), ("Fair winds!", ["fair winds"], True), ("unfair windsock", ["fair winds"], False),
+])
+def test_word_checks_match_whole_words_only(answer, words, hit):
+    from persona_lit.personas.checks import CHECKS
+
+    assert CHECKS["contains_any"](answer, words) is hit
+    assert CHECKS["contains_all"](answer, words) is hit
+    assert CHECKS["contains_none"](answer, words) is (not hit)

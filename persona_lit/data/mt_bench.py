@@ -24,7 +24,7 @@ class UserTurn:
     index_in_question: int  # MT-bench's second turns refer to the first ("Rewrite your previous response")
 
 
-def turn_stream(questions: Sequence[MTBenchQuestion], n_turns: int, seed: int | None,
+def turn_stream(questions: Sequence[MTBenchQuestion], n_turns: int, seed: int | str | None,
                 exclude_categories: Sequence[str] = ()) -> list[UserTurn]:
     """The first `n_turns` user turns of a conversation; both turns of a question stay adjacent.
 
@@ -76,7 +76,9 @@ def references_fingerprint(exchanges: Sequence[tuple[str, str]], max_tokens: int
 
 
 class MTBenchDataModule(L.LightningDataModule):
-    """Serves `conversations` streams of `turns` user turns each (stream k uses seed `seed + k`)."""
+    """Serves `conversations` streams of `turns` user turns each: `streams` (stream k uses seed `seed + k`), and
+    stream(key, k), conversation k of the persona `key`, its own order of the questions (seeded from seed, key and
+    k), so that no two (persona, conversation) units share a stream. seed=None: file order for every stream."""
 
     def __init__(self, mt_bench_path: str | None = None, turns: int = 8, conversations: int = 1, seed: int | None = 0,
                  exclude_categories: Sequence[str] = ("roleplay",)):
@@ -89,10 +91,21 @@ class MTBenchDataModule(L.LightningDataModule):
         if self.turns < 1 or self.conversations < 1:
             raise UserError(f"turns={self.turns} and conversations={self.conversations} must both be >= 1")
         questions = read_mt_bench(self.mt_bench_path)
+        self.questions = questions
         self.streams = [
             turn_stream(questions, self.turns, None if self.seed is None else self.seed + k, self.exclude_categories)
             for k in range(self.conversations)
         ]
+
+    def stream(self, key: str, k: int) -> list[UserTurn]:
+        """Conversation k of the persona `key`: its own shuffle of the questions (a string seed: stable)."""
+        seed = None if self.seed is None else f"persona_lit.stream:{self.seed}:{key}:{k}"
+        return turn_stream(self.questions, self.turns, seed, self.exclude_categories)
+
+    def persona_streams(self, keys: Sequence[str], ks: Sequence[int] | None = None) -> dict[str, list[list[UserTurn]]]:
+        """{key: [stream(key, k) for k in ks]} (ks: every conversation)."""
+        ks = range(self.conversations) if ks is None else ks
+        return {key: [self.stream(key, k) for k in ks] for key in keys}
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.streams, batch_size=None)

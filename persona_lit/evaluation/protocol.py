@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -60,7 +60,9 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
                  probe_turns: Sequence[int], control: bool = True, progress: bool = True,
                  capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
                  batch: int = 8, baseline: bool = True, bleed: bool = False) -> list[ProtocolResult]:
-    """Every persona on every stream: one ProtocolResult per persona, its conversations in stream order.
+    """Every persona on its streams: one ProtocolResult per persona, its conversations in stream order. `streams`:
+    {persona key: that persona's streams} (MTBenchDataModule.persona_streams: each unit its own), or one list of
+    streams every persona runs on.
     The (persona, stream) conversations run `batch` at a time (one padded batch, personas mixed: a row is the
     conversation it would be alone); `capability`: (question, reference answer) pairs for the capability cost
     (probing.py), scored at every probe turn in every arm.
@@ -74,11 +76,19 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
         runner.prepare_references(capability, capability_tokens)
     baseline = baseline and runner.mechanism.name != "none"  # there the persona arm is the baseline
     bleed = bleed and runner.mechanism.name != "none"  # there it is the control arm
-    units = [(p, s) for p in personas for s in streams]
+    keys = [p.key for p in personas]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"persona {twice!r} is given twice; each persona's results are kept under its key")
+    own = streams if isinstance(streams, Mapping) else {k: list(streams) for k in keys}
+    counts = {len(own[k]) for k in keys}
+    if len(counts) > 1:
+        raise ValueError(f"every persona needs as many streams; got {sorted(counts)}")
+    units = [(p, s) for p in personas for s in own[p.key]]
     arms: dict[str, list[list[TurnRecord]]] = {"persona": [], "control": [], "baseline": [], "bleed": []}
     names = [a for a, on in (("persona", True), ("baseline", baseline), ("control", control), ("bleed", bleed)) if on]
     batches = math.ceil(len(units) / batch)
-    bars = {a: tqdm(total=batches * max((len(s) for s in streams), default=0), position=i, unit="turn",
+    bars = {a: tqdm(total=batches * max((len(s) for _, s in units), default=0), position=i, unit="turn",
                     desc=f"{a} arm ({len(units)} conversations, {batches} batches)", disable=not progress,
                     dynamic_ncols=True) for i, a in enumerate(names)}  # one bar per arm, over all its batches
     try:
@@ -98,7 +108,7 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
     finally:
         for b in bars.values():
             b.close()
-    out, n = [], len(streams)
+    out, n = [], counts.pop() if counts else 0
     for i, persona in enumerate(personas):
         mine = {arm: records[i * n : (i + 1) * n] for arm, records in arms.items()}
         for records in (r for arm in mine.values() for r in arm):

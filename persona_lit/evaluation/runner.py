@@ -99,6 +99,11 @@ def drift_inputs(cfg: DictConfig) -> tuple[MTBenchDataModule, Judge | None, list
     chosen = evaluation_personas(cfg)  # personas=test_split (val_split, train_split): from the persona pool
     if chosen is None:
         chosen = [resolve_persona(str(n)) for n in cfg.personas] if cfg.personas else None  # bad names fail early
+    keys = [p.key for p in chosen or []]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise UserError(f"personas: {twice!r} is given twice; allowed: each persona once (its results are kept "
+                        f"under its key)")
     return turns, judge, chosen
 
 
@@ -134,7 +139,8 @@ def drift_setup(cfg: DictConfig, turns: MTBenchDataModule, chosen, device: torch
     precision = place(model, mechanism, device, dtype)
     personas = [_with_probe_kinds(p, cfg.probe_kinds) for p in chosen or [persona]]
     torch.manual_seed(int(cfg.seed or 0))
-    asked = {t.question_id for stream in turns.streams for t in stream}
+    asked = {t.question_id for streams in turns.persona_streams([p.key for p in personas]).values()
+             for stream in streams for t in stream}
     capability = neutral_exchanges(int(cfg.capability_exchanges), asked, cfg.mt_bench_path)
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature),
@@ -146,9 +152,11 @@ def conversation_batch(cfg: DictConfig, setup: DriftSetup, streams, device: torc
     """cfg.conversation_batch, checked against the KV cache's estimated size, or (null) the most rows that fit
     (evaluation/memory.py); prints the plan in one line."""
     model = setup.runner.model
-    history = longest_history(setup.backbone.chat, setup.personas + [None], streams, int(cfg.max_new_tokens))
+    every = [s for group in streams.values() for s in group] if isinstance(streams, dict) else [
+        s for _ in setup.personas for s in streams]  # a persona's own streams, or the same streams for every persona
+    history = longest_history(setup.backbone.chat, setup.personas + [None], every, int(cfg.max_new_tokens))
     limit = setup.runner.context_limit()
-    plan = plan_batch(cfg.conversation_batch, len(setup.personas) * len(streams), model,
+    plan = plan_batch(cfg.conversation_batch, len(every), model,
                       model.get_input_embeddings().weight.dtype, min(history, limit) if limit else history,
                       int(cfg.probe_batch), device)
     print(f"persona_lit: {plan.line()}", flush=True)
@@ -162,14 +170,15 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     backbone, mechanism, personas, runner = setup.backbone, setup.mechanism, setup.personas, setup.runner
     capability, probe_turns, precision, config, axis = (setup.capability, setup.probe_turns, setup.precision,
                                                         setup.config, setup.axis)
-    streams = shards.share(turns.streams) if shards else turns.streams
+    ks = list(range(turns.conversations))
+    streams = turns.persona_streams([p.key for p in personas], shards.share(ks) if shards else ks)
     results = run_personas(runner, personas, streams, probe_turns, control=bool(cfg.control),
                            baseline=bool(cfg.baseline), bleed=bool(cfg.get("bleed", False)), capability=capability,
                            capability_tokens=int(cfg.capability_tokens),
                            batch=conversation_batch(cfg, setup, streams, device), progress=main)  # conversations of several personas share a batch
     by_persona = {persona.key: result for persona, result in zip(personas, results)}
     if shards is not None:  # every rank's conversations, in their original order, on rank 0
-        gathered = shards.gather(list(by_persona.values()), len(turns.streams))
+        gathered = shards.gather(list(by_persona.values()), len(ks))
         shards.close()  # done with the other ranks: nothing below (torchmetrics' compute) may sync with them
         if not main:
             return None
@@ -196,6 +205,9 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
                 "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
                 "precision": precision, "context_limit": runner.context_limit(), "last_turn": last_turn,
                 "capability_references": references_fingerprint(capability, int(cfg.capability_tokens)),
+                "streams": {"per": "persona and conversation", "seed": cfg.seed,
+                            "questions": {key: [[t.question_id for t in s] for s in group]
+                                          for key, group in turns.persona_streams(list(by_persona)).items()}},
                 **({"persona_split": chosen.info} if getattr(chosen, "info", None) else {})},
         **summarize(protocol, probe_turns, cfg.projection_layer, axis),
         "config": config,

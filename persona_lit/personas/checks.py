@@ -25,11 +25,18 @@ def _as_list(arg: Any) -> list[str]:
     return [arg] if isinstance(arg, str) else list(arg)
 
 
-# Every check takes (answer, argument) -> bool. Case-insensitive where words are concerned.
+def _has(text: str, word: str) -> bool:
+    """`word` (or phrase) in `text` as whole words, case-insensitive: "cato" is not in "educator", "arr" not in
+    "array" (a word character may not touch either end)."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+# Every check takes (answer, argument) -> bool. Case-insensitive where words are concerned; contains_* match whole
+# words (list inflected forms as words of their own: [leaf, leaves]).
 CHECKS: dict[str, Callable[[str, Any], bool]] = {
-    "contains_any": lambda text, words: any(w.lower() in text.lower() for w in _as_list(words)),
-    "contains_all": lambda text, words: all(w.lower() in text.lower() for w in _as_list(words)),
-    "contains_none": lambda text, words: not any(w.lower() in text.lower() for w in _as_list(words)),
+    "contains_any": lambda text, words: any(_has(text, w) for w in _as_list(words)),
+    "contains_all": lambda text, words: all(_has(text, w) for w in _as_list(words)),
+    "contains_none": lambda text, words: not any(_has(text, w) for w in _as_list(words)),
     "max_sentences": lambda text, n: 0 < len(_sentences(text)) <= int(n),
     "min_sentences": lambda text, n: len(_sentences(text)) >= int(n),
     "max_words": lambda text, n: 0 < len(_words(text)) <= int(n),

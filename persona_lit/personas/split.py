@@ -219,11 +219,15 @@ def split_for_evaluation(cfg: Any) -> tuple[Split, Pool, str]:
     return split(pool, int(p.seed), list(p.fractions)), pool, note
 
 
-def round_robin(keys: Sequence[str], sources: Sequence[str], limit: int | None) -> list[str]:
-    """At most `limit` keys, taking one per source in turn (each source in its split order)."""
+def round_robin(keys: Sequence[str], sources: Sequence[str], limit: int | None, seed: int | None = None) -> list[str]:
+    """At most `limit` keys, taking one per source in turn: each source in its split order, or (`seed` given) in an
+    order drawn with that seed, a random sample stratified by source (another seed, another sample)."""
     if limit is None or limit >= len(keys):
         return list(keys)
     queues = {s: [k for k in keys if k.split(":", 1)[0] == s] for s in sources}
+    if seed is not None:
+        for source, queue in queues.items():
+            random.Random(f"persona_lit.sample:{int(seed)}:{source}").shuffle(queue)  # str seeds are stable
     out: list[str] = []
     while len(out) < limit:
         for s in sources:
@@ -234,15 +238,18 @@ def round_robin(keys: Sequence[str], sources: Sequence[str], limit: int | None) 
 
 def evaluation_personas(cfg: Any) -> PoolSelection | None:
     """The personas of `personas=<part>_split` (None when cfg.personas is not a split), at most
-    pool.max_personas of them (round-robin over sources); prints where the split came from."""
+    pool.max_personas of them: a random sample drawn with the evaluation's `seed`, stratified by source (round-robin
+    over sources); prints where the split came from."""
     part = split_request(cfg.personas)
     if part is None:
         return None
     s, pool, note = split_for_evaluation(cfg)
     limit = cfg.pool.get("max_personas")
-    keys = round_robin(s.parts[part], s.pool_spec["sources"], None if limit is None else int(limit))
+    sample_seed = int(cfg.get("seed") or 0)
+    keys = round_robin(s.parts[part], s.pool_spec["sources"], None if limit is None else int(limit), sample_seed)
     chosen = PoolSelection(pool.personas(keys))
-    chosen.info = {"part": part, "keys": keys, "of": len(s.parts[part]), "seed": s.seed, "fractions": s.fractions,
+    chosen.info = {"part": part, "keys": keys, "of": len(s.parts[part]), "seed": s.seed, "sample_seed": sample_seed,
+                   "sources": {k: k.split(":", 1)[0] for k in keys}, "fractions": s.fractions,
                    "pool": s.pool_spec, "pool_hash": s.pool_hash, "from": note}
     print(f"persona_lit: {len(keys)} of the {len(s.parts[part])} {part} personas of the pool "
           f"({', '.join(s.pool_spec['sources'])}; split {note})")

@@ -108,10 +108,12 @@ def run_task(cfg: DictConfig) -> Path:
     with_prompt = bool(cfg.task.system_prompt)
     steered = [p if with_prompt else dataclasses.replace(p, system_prompt=None) for p in setup.personas]
 
+    streams = turns.persona_streams([p.key for p in setup.personas])  # the evaluation's: each unit its own
+
     def arm(personas) -> dict[str, Any]:
-        results = run_personas(runner, personas, turns.streams, probe_turns, control=False, baseline=False,
+        results = run_personas(runner, personas, streams, probe_turns, control=False, baseline=False,
                                capability=setup.capability, capability_tokens=int(cfg.capability_tokens),
-                               batch=conversation_batch(cfg, setup, turns.streams, runner.device))
+                               batch=conversation_batch(cfg, setup, streams, runner.device))
         return summarize(merge(results), probe_turns)["metrics"]
 
     before, sweep = mech.alpha, []
