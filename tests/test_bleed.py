@@ -70,8 +70,10 @@ def test_bleed_arm_metrics_paired_difference_report_transcript_and_compare(tmp_p
     assert "## Does scripted act without a persona? (bleed arm)" in report
     bleed_rows = {line.split(" | ")[1]: line for line in report.split("(bleed arm)")[1].split("\n## ")[0].splitlines()
                   if line.startswith("| adherence/name |")}
-    assert bleed_rows["4"].startswith("| adherence/name | 4 | 1.000 |") and bleed_rows["4"].endswith("| higher |")
-    assert bleed_rows["1"].endswith("| no clear difference |") or bleed_rows["1"].endswith("| no interval |")
+    assert bleed_rows["4"].startswith("| adherence/name | 4 | 1.000 |")
+    assert "| 0.0625 |" in bleed_rows["4"]  # five conversations all +1: the smallest sign-flip p five units allow
+    assert bleed_rows["4"].endswith("| no clear difference (Holm) |")  # which Holm keeps above 0.05
+    assert bleed_rows["1"].endswith("(Holm) |") or bleed_rows["1"].endswith("| no test (n < 2) |")
 
     (tmp_path / "cmp").mkdir()
     assert "compare.png" in compare_runs([tmp_path / "run"], tmp_path / "cmp")
@@ -107,7 +109,7 @@ def test_bleed_minus_control_kl_is_paired_by_conversation_and_clustered_by_perso
     result = ProtocolResult(arm([0.0] * 3), arm(control), [0, 0, 1], [], arm(bleed))
     m = summarize(result, [0, 2])["metrics"]
     diff = m["bleed_vs_control/capability/kl_to_base"]
-    want = PerTurnMean([0, 2])
+    want = PerTurnMean([0, 2], test_zero=True)
     for c, (b, k, g) in enumerate(zip(bleed, control, [0, 0, 1])):
         want.update(c, 0, 0.0, group=g)
         want.update(c, 2, b - k, group=g)

@@ -257,11 +257,20 @@ def test_baseline_arm_in_results_report_and_transcript(tmp_path):
     assert sum(r["arm"] == "baseline" for r in rows) == 5 * 9
     report = (tmp_path / "report.md").read_text()
     assert "## Did scripted beat the plain system prompt?" in report
-    assert "| adherence/name | 4 | 1.000 |" in report and "| +1.000 |" in report and "| better |" in report
+    assert "| adherence/name | 4 | 1.000 |" in report and "| +1.000 |" in report
     rows = {line.split(" | ")[1]: line for line in report.split("## adherence")[0].splitlines()
             if line.startswith("| adherence/name |")}
-    assert rows["4"].endswith("| better |") and rows["1"].endswith("| no clear difference |")
-    assert rows["0"].endswith("| no interval |") and "n=1: no interval" in rows["0"]
+    # no headline declared in this run: every row is Holm-corrected; five conversations all +1 give the smallest
+    # sign-flip p five units allow, 2/32, which no correction brings below 0.05
+    assert "| 0.0625 |" in rows["4"] and rows["4"].endswith("| no clear difference (Holm) |")
+    assert rows["1"].endswith("| no clear difference (Holm) |")
+    assert rows["0"].endswith("| - | - | no test (n < 2) |") and "n=1: no interval" in rows["0"]
+    res["run"]["headline"] = {"metric": "adherence/name", "turn": 4}  # declared: judged by its interval alone
+    (tmp_path / "declared").mkdir()
+    write_report(tmp_path / "declared", res, result.persona_arm, result.control_arm, result.baseline_arm)
+    report = (tmp_path / "declared" / "report.md").read_text()
+    head = next(line for line in report.splitlines() if line.startswith("| **adherence/name** | 4 |"))
+    assert head.endswith("| 0.0625 | - | better (headline) |")
 
 
 def test_nonnegative_costs_never_get_an_interval_below_their_range():
@@ -332,9 +341,10 @@ def test_capability_kl_above_the_baseline_is_paired_and_reported_as_worse(tmp_pa
         diff = metrics["vs_baseline/capability/kl_to_base"]
         assert diff["mean"][1] == pytest.approx(shift + 0.015)
         assert (diff["ci_low"][1] > 0) == (shift > 0) and (diff["ci_high"][1] < 0) == (shift < 0)
-        rows = [line for line in versus_baseline({"run": {"mechanism": "scripted"}, "metrics": metrics})
-                if line.startswith("| capability/kl_to_base | 2 |")]
-        assert len(rows) == 1 and rows[0].endswith(f"| {verdict} |")
+        run = {"mechanism": "scripted", "headline": {"metric": "capability/kl_to_base", "turn": 2}}
+        rows = [line for line in versus_baseline({"run": run, "metrics": metrics})
+                if line.startswith("| **capability/kl_to_base** | 2 |")]
+        assert len(rows) == 1 and rows[0].endswith(f"| {verdict} (headline) |")
 
 
 def test_a_narrow_interval_is_never_printed_zero_width():
@@ -345,3 +355,30 @@ def test_a_narrow_interval_is_never_printed_zero_width():
     assert interval_cell(m, 0) == "[0.0875, 0.0879]"
     assert interval_cell(m, 1) == "[0.100, 0.300]"
     assert interval_cell(m, 2) == "n=4, all equal: no interval"
+
+
+def test_verdicts_other_than_the_headline_are_holm_corrected_sign_flip_tests():
+    """12 personas all +0.5 at turn 4: exact sign-flip p 2/4096, Holm over the family stays below 0.05 (better
+    (Holm)); mixed signs at turn 1: no clear difference; the adjusted p-values are Holm's of the raw ones."""
+    from persona_lit.evaluation.probing import ProbeResult
+    from persona_lit.evaluation.report import comparison_rows
+    from persona_lit.metrics.drift import holm
+
+    def arm(values_by_turn):
+        return [[TurnRecord(t, "q", "a", "", 10, probes=[ProbeResult(t, "q", "name", "a", True, v)])
+                 for t, v in values_by_turn[c].items()] for c in range(12)]
+
+    mech = {c: {1: (1.0 if c % 2 else -1.0), 4: 1.0} for c in range(12)}
+    base = {c: {1: 0.0, 4: 0.5} for c in range(12)}
+    result = ProtocolResult(arm(mech), [], list(range(12)), arm(base), [])
+    metrics = summarize(result, [1, 4])["metrics"]
+    diff = metrics["vs_baseline/likelihood_margin"]
+    assert diff["p"][1] == pytest.approx(2 / 4096) and diff["p"][0] > 0.5
+    rows = comparison_rows({"run": {"headline": {"metric": "adherence/name", "turn": 4}}, "metrics": metrics},
+                           "vs_baseline")
+    by = {(r["name"], r["turn"]): r for r in rows}
+    family = [r for r in rows if not r["headline"]]
+    assert [r["p_holm"] for r in family] == holm([r["p"] for r in family])
+    assert by["likelihood_margin", 4]["verdict"] == "better (Holm)"
+    assert by["likelihood_margin", 1]["verdict"] == "no clear difference (Holm)"
+    assert by["adherence/name", 4]["headline"] and by["adherence/name", 4]["verdict"].endswith("(headline)")

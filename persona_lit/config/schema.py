@@ -74,6 +74,7 @@ RULES = {
     "task.evals": "list[str]?",
     "pool.sources": "list[str] {pack,role,li2024,personagym,spc}", "pool.seed": "int", "pool.fractions": "(0, 1)",
     "pool.max_personas": "int? >= 1", "pool.split_file": "str?",
+    "headline.metric": "str", "headline.turn": "int? >= 0",
 }
 RULES_OF = {"evaluate": {"seed": "int?"}}  # evaluate: seed=null keeps MT-bench file order
 

@@ -189,7 +189,7 @@ def _paired(arm: list[list[TurnRecord]], other: list[list[TurnRecord]], groups: 
     out = {}
     for name, value in values.items():
         bounds = (-1.0, 1.0) if name.startswith("adherence/") else None  # a difference of two proportions
-        metric, seen = PerTurnMean(probe_turns, bounds=bounds, **LOCAL), False
+        metric, seen = PerTurnMean(probe_turns, bounds=bounds, test_zero=True, **LOCAL), False
         for c, (mine, theirs, g) in enumerate(zip(arm, other, groups)):
             theirs_at = {r.turn: value(r) for r in theirs}
             for r in mine:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from persona_lit.evaluation.conversation import TurnRecord  # noqa: E402
+from persona_lit.metrics.drift import holm  # noqa: E402
 
 
 def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:
@@ -103,26 +104,79 @@ def _verdict(m: dict[str, Any], i: int, lower_is_better: bool = False) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "no clear difference"
 
 
+def _tested_verdict(mean: float, p: float | None, lower_is_better: bool = False) -> str:
+    """A verdict from a Holm-adjusted p-value: better/worse (Holm) where it is below 0.05."""
+    if p is None:
+        return "no test (n < 2)"
+    if p >= 0.05:
+        return "no clear difference (Holm)"
+    good = mean < 0 if lower_is_better else mean > 0
+    return "better (Holm)" if good else "worse (Holm)"
+
+
+def _fmt_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
+def comparison_rows(results: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+    """Every (metric, turn) of the `prefix` differences (vs_baseline, bleed_vs_control): its p-value, its
+    Holm-adjusted p-value over the family (every row but the declared headline, run.headline), whether it is the
+    headline, and its verdict: the headline by its 95% interval, every other row by its Holm-adjusted p."""
+    metrics, head = results["metrics"], results["run"].get("headline") or {}
+    rows = []
+    for full, m in metrics.items():
+        if not full.startswith(prefix + "/"):
+            continue
+        name = full[len(prefix) + 1 :]
+        for i, turn in enumerate(m["turn"]):
+            p = (m.get("p") or [None] * len(m["turn"]))[i]
+            rows.append({"name": name, "i": i, "turn": turn, "p": p, "m": m,
+                         "headline": prefix == "vs_baseline" and name == head.get("metric")
+                         and turn == head.get("turn")})
+    family = [r for r in rows if not r["headline"]]
+    for r, adjusted in zip(family, holm([r["p"] for r in family])):
+        r["p_holm"] = adjusted
+    for r in rows:
+        cost = r["name"].startswith("capability/")
+        if r["headline"]:
+            r["p_holm"], r["verdict"] = None, _verdict(r["m"], r["i"], cost) + " (headline)"
+        else:
+            r["verdict"] = _tested_verdict(r["m"]["mean"][r["i"]], r["p_holm"], cost)
+    return rows
+
+
 def versus_baseline(results: dict[str, Any]) -> list[str]:
     """The question a user runs the demo for: did the mechanism beat the plain system prompt?"""
     run, metrics = results["run"], results["metrics"]
     lines = [f"## Did {run['mechanism']} beat the plain system prompt?", ""]
-    names = [n[len("vs_baseline/"):] for n in metrics if n.startswith("vs_baseline/")]
     if run["mechanism"] == "none":
         return lines + ["The mechanism is `none`: its persona arm is itself the plain system-prompt baseline.", ""]
-    if not names:
+    rows = comparison_rows(results, "vs_baseline")
+    if not rows:
         return lines + ["No baseline arm in this run (baseline=false): nothing to compare with.", ""]
+    head = run.get("headline") or {}
+    declared = any(r["headline"] for r in rows)
     lines += ["Mechanism and baseline (the same persona as system prompt, mechanism disabled) on the same turns; "
-              "the difference is paired by conversation. Better/worse: its 95% interval excludes 0 (for capability KL "
-              "to base, a cost, a difference below 0 is better).", "",
-              "| metric | turn | mechanism | 95% CI | baseline | 95% CI | difference | 95% CI | n | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        mech, base, diff = metrics[name], metrics[f"{name}_baseline"], metrics[f"vs_baseline/{name}"]
-        for i, turn in enumerate(diff["turn"]):
-            lines.append(f"| {name} | {turn} | {mech['mean'][i]:.3f} | {interval_cell(mech, i)} | {base['mean'][i]:.3f} "
-                         f"| {interval_cell(base, i)} | {diff['mean'][i]:+.3f} | {interval_cell(diff, i)} "
-                         f"| {_units(diff, i)} | {_verdict(diff, i, name.startswith('capability/'))} |")
+              "the difference is paired by conversation. "
+              + (f"The headline, declared before the run (`headline.metric={head.get('metric')}`, "
+                 f"`headline.turn={head.get('turn')}`), is better/worse where its 95% interval excludes 0. "
+                 if declared else f"The declared headline ({head.get('metric')} at turn {head.get('turn')}) "
+                 "was not measured in this run. ")
+              + "Every other row is one of many comparisons: its p-value (a sign-flip randomization test over the "
+              "same units) is Holm-corrected over all of them, and its verdict, marked (Holm), is better/worse "
+              "where the corrected p is below 0.05 (for capability KL to base, a cost, a difference below 0 is "
+              "better).", "",
+              "| metric | turn | mechanism | 95% CI | baseline | 95% CI | difference | 95% CI | n | p | p (Holm) "
+              "| verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: not r["headline"]):
+        name, i, diff = r["name"], r["i"], r["m"]
+        mech, base = metrics[name], metrics[f"{name}_baseline"]
+        label = f"**{name}**" if r["headline"] else name
+        lines.append(f"| {label} | {r['turn']} | {mech['mean'][i]:.3f} | {interval_cell(mech, i)} "
+                     f"| {base['mean'][i]:.3f} | {interval_cell(base, i)} | {diff['mean'][i]:+.3f} "
+                     f"| {interval_cell(diff, i)} | {_units(diff, i)} | {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} "
+                     f"| {r['verdict']} |")
     return lines + [""]
 
 
@@ -130,23 +184,24 @@ def bleed_versus_control(results: dict[str, Any]) -> list[str]:
     """With a bleed arm: does the mechanism, given no persona, invent one (adherence above the control arm's)
     or cost capability (KL to base above the control arm's)?"""
     run, metrics = results["run"], results["metrics"]
-    names = [n[len("bleed_vs_control/"):] for n in metrics if n.startswith("bleed_vs_control/")]
-    if not names:
+    rows = comparison_rows(results, "bleed_vs_control")
+    if not rows:
         return []
     lines = [f"## Does {run['mechanism']} act without a persona? (bleed arm)", "",
              "Bleed arm (no persona, mechanism on) and control arm (no persona, mechanism off) on the same turns, "
-             "answering the persona's probes; the difference is paired by conversation. Higher/lower: its 95% "
-             "interval excludes 0 (adherence higher: a persona the mechanism invents; KL higher: its capability "
-             "cost without a persona).", "",
-             "| metric | turn | bleed | 95% CI | control | 95% CI | difference | 95% CI | n | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        bleed, control, diff = metrics[f"{name}_bleed"], metrics[f"{name}_control"], metrics[f"bleed_vs_control/{name}"]
-        for i, turn in enumerate(diff["turn"]):
-            verdict = _verdict(diff, i).replace("better", "higher").replace("worse", "lower")
-            lines.append(f"| {name} | {turn} | {bleed['mean'][i]:.3f} | {interval_cell(bleed, i)} "
-                         f"| {control['mean'][i]:.3f} | {interval_cell(control, i)} | {diff['mean'][i]:+.3f} "
-                         f"| {interval_cell(diff, i)} | {_units(diff, i)} | {verdict} |")
+             "answering the persona's probes; the difference is paired by conversation. Higher/lower (Holm): its "
+             "sign-flip p-value, Holm-corrected over the rows of this table, is below 0.05 (adherence higher: a "
+             "persona the mechanism invents; KL higher: its capability cost without a persona).", "",
+             "| metric | turn | bleed | 95% CI | control | 95% CI | difference | 95% CI | n | p | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name, i, diff = r["name"], r["i"], r["m"]
+        bleed, control = metrics[f"{name}_bleed"], metrics[f"{name}_control"]
+        verdict = _tested_verdict(diff["mean"][i], r["p_holm"]).replace("better", "higher").replace("worse", "lower")
+        lines.append(f"| {name} | {r['turn']} | {bleed['mean'][i]:.3f} | {interval_cell(bleed, i)} "
+                     f"| {control['mean'][i]:.3f} | {interval_cell(control, i)} | {diff['mean'][i]:+.3f} "
+                     f"| {interval_cell(diff, i)} | {_units(diff, i)} | {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} "
+                     f"| {verdict} |")
     return lines + [""]
 
 

@@ -205,6 +205,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
                 "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
                 "precision": precision, "context_limit": runner.context_limit(), "last_turn": last_turn,
                 "capability_references": references_fingerprint(capability, int(cfg.capability_tokens)),
+                "headline": headline(cfg, probe_turns),
                 "streams": {"per": "persona and conversation", "seed": cfg.seed,
                             "questions": {key: [[t.question_id for t in s] for s in group]
                                           for key, group in turns.persona_streams(list(by_persona)).items()}},
@@ -221,6 +222,14 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     log_results(cfg, results, out_dir, "+".join(by_persona))
     print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir
+
+
+def headline(cfg: DictConfig, probe_turns: list[int]) -> dict[str, Any]:
+    """The run's declared headline comparison: headline.metric at headline.turn (null: the last probe turn)."""
+    head = cfg.get("headline") or {}
+    turn = head.get("turn")
+    turn = (probe_turns[-1] if probe_turns else None) if turn is None else int(turn)
+    return {"metric": str(head.get("metric") or "adherence/name"), "turn": turn}
 
 
 def log_results(cfg: DictConfig, results: dict[str, Any], out_dir: Path, persona_key: str) -> None:

@@ -104,6 +104,41 @@ def bootstrap_interval(clusters: Sequence[Sequence[float]], resamples: int = BOO
     return mean, float(low), float(high)
 
 
+SIGN_FLIPS = 20_000  # Monte Carlo sign flips of sign_flip_p beyond an exact enumeration
+
+
+def sign_flip_p(values: Sequence[float], resamples: int = SIGN_FLIPS, seed: int = BOOTSTRAP_SEED) -> float | None:
+    """Two-sided p-value of "the mean is 0" for independent paired differences (persona means, or conversations):
+    the randomization test that flips each unit's sign (exact over all 2^n flips where that is <= `resamples`,
+    else seeded Monte Carlo, (hits + 1) / (resamples + 1)). None with fewer than two units."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    if n < 2:
+        return None
+    observed = abs(v.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(v).max()))
+    if 2 ** n <= resamples:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+        return float(np.mean(np.abs((signs * v).mean(1)) >= observed - tol))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, resamples, 4096):
+        signs = rng.choice((-1.0, 1.0), size=(min(4096, resamples - start), n))
+        hits += int(np.sum(np.abs((signs * v).mean(1)) >= observed - tol))
+    return (hits + 1) / (resamples + 1)
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (family-wise error across the given tests; None stays None)."""
+    present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    running, m = 0.0, len(present)
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 def wilson_interval(passed: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion; (0, 1) when there is no data."""
     if n <= 0:
@@ -171,15 +206,18 @@ def cluster_interval(clusters: Sequence[Sequence[float]], bounds: tuple[float, f
 class PerTurnMean(Metric):
     """One value per (conversation, turn), optionally in persona groups; per turn the mean and a 95% interval
     over the independent units (conversations, personas at turn 0, persona means when pooled): by default the
-    seeded cluster bootstrap (`method="bootstrap"`, `resamples`, `seed`), or `method="t"`."""
+    seeded cluster bootstrap (`method="bootstrap"`, `resamples`, `seed`), or `method="t"`. `test_zero` (paired
+    differences): also `p` per turn, sign_flip_p over the same units (None with fewer than two)."""
 
     full_state_update = False
     bounds: tuple[float, float] | None = None  # a bounded value: interval clipped, Wilson when all units agree
 
     def __init__(self, turns: Sequence[int], shared_first_turn: bool = True,
                  bounds: tuple[float, float] | None = None, method: str = "bootstrap",
-                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, **kwargs):
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, test_zero: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.test_zero = bool(test_zero)
         if method not in INTERVAL_METHODS:
             raise ValueError(f"interval method {method!r}; allowed: {', '.join(INTERVAL_METHODS)}")
         self.method, self.resamples, self.seed = method, int(resamples), int(seed)
@@ -207,7 +245,7 @@ class PerTurnMean(Metric):
             acc[0] += total
             acc[1] += count
         out: dict[str, list] = {"turn": self.turns, "mean": [], "ci_low": [], "ci_high": [], "n": [], "unit": [],
-                                "interval": []}
+                                "interval": [], **({"p": []} if self.test_zero else {})}
         for i, turn in enumerate(self.turns):
             by_group: dict[int, list[float]] = defaultdict(list)
             for (j, g, _), (total, count) in sorted(sums.items()):
@@ -220,6 +258,10 @@ class PerTurnMean(Metric):
             for key in ("mean", "ci_low", "ci_high", "n", "interval"):
                 out[key].append(stats[key])
             out["unit"].append(unit)
+            if self.test_zero:  # the units' values: persona means when pooled, else the one persona's conversations
+                units = [sum(v) / len(v) for v in by_group.values()] if len(by_group) >= 2 else next(
+                    iter(by_group.values()), [])
+                out["p"].append(sign_flip_p(units))
         return out
 
 
