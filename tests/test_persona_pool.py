@@ -1,8 +1,9 @@
-"""The persona pool (persona_lit/personas/pool.py, split.py) from the shared data, its persona-disjoint split, evaluation
+"""The persona pool (persona_lit/personas/pool.py, split.py) from the shared data, its content-disjoint split, evaluation
 on the test personas (personas=test_split), and the context-limit stop of the conversation runner."""
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,10 +72,57 @@ def test_split_is_seeded_stratified_and_disjoint(pool):
     assert set().union(*parts) == set(pool.keys)
     for p in PARTS:
         assert all(n >= 1 for n in a.sources_of(p).values()), (p, a.sources_of(p))  # every source in every part
-    assert a.sources_of("test") == {"pack": 1, "role": 27, "li2024": 10, "personagym": 20, "spc": 377}
+    assert a.sources_of("test") == {"pack": 1, "role": 27, "li2024": 10, "personagym": 27, "spc": 377}
     with pytest.raises(UserError) as e:
         split(pool, 0, [0.5, 0.5, 0.0])
     assert "each share must be > 0" in one_line(e)
+
+
+def _facts(prompt: str) -> set[str]:
+    return {" ".join(re.findall(r"[a-z]+", line.lower())) for line in prompt.splitlines()[1:]} - {""}
+
+
+def _template_free(prompt: str) -> str | None:
+    """A one-line prompt, numbers masked (a multi-line prompt is a header and facts: _facts)."""
+    return re.sub(r"\d+", "#", prompt.lower()) if len(prompt.splitlines()) == 1 else None
+
+
+@needs_data
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_test_fact_or_description_appears_in_train(pool, seed):
+    s = split(pool, seed)
+    by_key = pool.by_key
+    prompts = {p: [by_key[k].persona.system_prompt for k in s.parts[p]] for p in PARTS}
+    train_facts = set().union(*map(_facts, prompts["train"]))
+    train_lines = {_template_free(t) for t in prompts["train"]}
+    for part in ("val", "test"):
+        facts = set().union(*map(_facts, prompts[part]))
+        assert len(facts) > 50 and not facts & train_facts  # Synthetic-Persona-Chat facts: none shared
+        assert not ({_template_free(t) for t in prompts[part]} & train_lines) - {None}  # "a 72-year-old" vs "a 70-"
+    # near-duplicates by word overlap (PersonaGym's templated descriptions), checked pair by pair
+    gym = {p: [set(re.findall(r"[a-z]+", by_key[k].persona.description.lower())) - {"a", "an", "year", "old", "from",
+                                                                                       "who", "is", "the"}
+               for k in s.parts[p] if k.startswith("personagym:")] for p in PARTS}
+    for words in gym["test"]:
+        assert max(len(words & w) / len(words | w) for w in gym["train"]) < 0.75
+
+
+def test_content_groups_join_shared_facts_and_near_duplicates():
+    from persona_lit.personas.pool import PoolEntry
+    from persona_lit.personas.split import content_groups
+    from persona_lit.personas.types import Persona
+
+    def entry(key, prompt):
+        return PoolEntry(key, key.split(":")[0], Persona(name=key, system_prompt=prompt))
+
+    head = "You are the person these facts describe."
+    entries = [entry("spc:0", f"{head}\nI like cats.\nI am a nurse."), entry("spc:1", f"{head}\nI am a nurse!"),
+               entry("spc:2", f"{head}\nI like dogs."), entry("spc:3", f"{head}\nI drive a truck.")]
+    assert content_groups(entries) == [["spc:0", "spc:1"], ["spc:2"], ["spc:3"]]
+    gym = [entry(f"personagym:{i}", f"You are {d}. Stay this person.") for i, d in enumerate([
+        "a 72-year-old doctor from Tokyo who loves hiking", "a 70-year-old doctor from Tokyo who loves hiking",
+        "a 30-year-old pilot from Lima who plays chess", "a 41-year-old baker from Oslo who paints"])]
+    assert content_groups(gym) == [["personagym:0", "personagym:1"], ["personagym:2"], ["personagym:3"]]
 
 
 @needs_data

@@ -75,6 +75,8 @@ RULES = {
     "pool.sources": "list[str] {pack,role,li2024,personagym,spc}", "pool.seed": "int", "pool.fractions": "(0, 1)",
     "pool.max_personas": "int? >= 1", "pool.split_file": "str?",
     "headline.metric": "str", "headline.turn": "int? >= 0",
+    "question_split.part": "{train,val,test,all}", "question_split.seed": "int", "question_split.fractions": "(0, 1)",
+    "data.question_split.seed": "int", "data.question_split.fractions": "(0, 1)",
 }
 RULES_OF = {"evaluate": {"seed": "int?"}}  # evaluate: seed=null keeps MT-bench file order
 

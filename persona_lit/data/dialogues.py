@@ -96,17 +96,27 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(self._all_batches())
 
 
+def _plain(node: Any) -> dict[str, Any] | None:
+    """A config node (DictConfig or mapping) as a plain dict; None stays None."""
+    if node is None:
+        return None
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
 class PersonaDialogueDataModule(L.LightningDataModule):
     def __init__(self, chat: ChatTokenizer, persona: Persona, sources: Sequence[str] | None = None,
                  with_system_prompt: bool = True, max_length: int = 512, batch_size: int = 4,
                  val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0, max_examples: int | None = None,
-                 chain_turns: int = 1, filler_turns: int = 0):
+                 chain_turns: int = 1, filler_turns: int = 0, question_split: Any = None):
         super().__init__()
         self.chat, self.persona = chat, persona
         self.sources = list(sources) if sources else []
         self.with_system_prompt, self.max_length, self.batch_size = with_system_prompt, max_length, batch_size
         self.val_fraction, self.seed, self.num_workers, self.max_examples = val_fraction, seed, num_workers, max_examples
         self.chain_turns, self.filler_turns = chain_turns, filler_turns
+        self.question_split = _plain(question_split)  # MT-bench's split (data/question_split.py): training reads train
         self.train_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self.val_examples: list[tuple[list[int], list[bool], list[int]]] = []
         self._resume: dict[str, int] = {}
@@ -130,10 +140,15 @@ class PersonaDialogueDataModule(L.LightningDataModule):
         `filler_turns` MT-bench exchanges (reference answers) that are history only, never labels."""
         if self.chain_turns <= 1 and self.filler_turns <= 0:
             return dialogues
+        from persona_lit.data.question_split import split_from_config
         from persona_lit.data.readers import read_mt_bench_exchanges
 
         rng = random.Random(self.seed)
-        filler = read_mt_bench_exchanges() if self.filler_turns > 0 else []
+        train_ids = split_from_config(self.question_split, None).ids("train") if self.filler_turns > 0 else set()
+        filler = read_mt_bench_exchanges(only=train_ids) if self.filler_turns > 0 else []
+        if self.filler_turns > len(filler):
+            raise UserError(f"data.filler_turns={self.filler_turns}: the train part of the MT-bench question split "
+                            f"has {len(filler)} turns with reference answers; allowed: 0 to {len(filler)}")
         chained = []
         for start in range(0, len(dialogues), max(1, self.chain_turns)):
             conversation = []

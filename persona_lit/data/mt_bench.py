@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -44,9 +44,10 @@ def turn_stream(questions: Sequence[MTBenchQuestion], n_turns: int, seed: int | 
 
 
 def neutral_exchanges(count: int, avoid_question_ids: set[int] = frozenset(), questions_path: str | None = None,
-                      answers_path: str | None = None) -> list[tuple[str, str]]:
+                      answers_path: str | None = None, only: Collection[int] | None = None) -> list[tuple[str, str]]:
     """`count` (first-turn question, reference answer) pairs for the capability cost, preferring questions
-    the conversations do not ask; in file order, so every run scores the same exchanges."""
+    the conversations do not ask; in file order, so every run scores the same exchanges. `only`: from these
+    question ids alone (the evaluated part of the question split, so no reference was a training turn)."""
     if count <= 0:
         return []
     questions = {q.question_id: q for q in read_mt_bench(questions_path)}
@@ -60,6 +61,8 @@ def neutral_exchanges(count: int, avoid_question_ids: set[int] = frozenset(), qu
         q, turns = questions.get(record.get("question_id")), (record.get("choices") or [{}])[0].get("turns")
         if q is None or not isinstance(turns, list) or not turns:
             raise UserError(f"{where}: needs a known 'question_id' and 'choices[0].turns'")
+        if only is not None and q.question_id not in only:
+            continue
         pairs.append((q.question_id in avoid_question_ids, q.turns[0], str(turns[0])))
     pairs.sort(key=lambda p: p[0])  # stable: unasked questions first, file order within
     return [(q, a) for _, q, a in pairs[:count]]
@@ -76,21 +79,27 @@ def references_fingerprint(exchanges: Sequence[tuple[str, str]], max_tokens: int
 
 
 class MTBenchDataModule(L.LightningDataModule):
-    """Serves `conversations` streams of `turns` user turns each: `streams` (stream k uses seed `seed + k`), and
+    """Serves (from the questions `question_ids`, default all) `conversations` streams of `turns` user turns each: `streams` (stream k uses seed `seed + k`), and
     stream(key, k), conversation k of the persona `key`, its own order of the questions (seeded from seed, key and
     k), so that no two (persona, conversation) units share a stream. seed=None: file order for every stream."""
 
     def __init__(self, mt_bench_path: str | None = None, turns: int = 8, conversations: int = 1, seed: int | None = 0,
-                 exclude_categories: Sequence[str] = ("roleplay",)):
+                 exclude_categories: Sequence[str] = ("roleplay",), question_ids: Collection[int] | None = None):
         super().__init__()
         self.mt_bench_path, self.turns, self.conversations = mt_bench_path, turns, conversations
         self.seed, self.exclude_categories = seed, list(exclude_categories)
+        self.question_ids = None if question_ids is None else set(question_ids)  # a part of the question split
+        self.split_info: dict | None = None  # what results.json records of that split (question_split.for_evaluation)
         self.streams: list[list[UserTurn]] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.turns < 1 or self.conversations < 1:
             raise UserError(f"turns={self.turns} and conversations={self.conversations} must both be >= 1")
         questions = read_mt_bench(self.mt_bench_path)
+        if self.question_ids is not None:
+            questions = [q for q in questions if q.question_id in self.question_ids]
+            if not questions:
+                raise UserError("question_split: the chosen part holds no question of this MT-bench file")
         self.questions = questions
         self.streams = [
             turn_stream(questions, self.turns, None if self.seed is None else self.seed + k, self.exclude_categories)

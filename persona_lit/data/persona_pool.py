@@ -3,8 +3,9 @@
 For each persona of the train part of the persona-disjoint split (persona_lit/personas/split.py; `data.pool`
 holds the settings of evaluate.yaml's `pool:` node, `data.max_personas` keeps the first N, one per source in
 turn), a conversation of `data.turns` user turns: the persona's own questions (roles, PersonaGym) alternating
-with MT-bench questions (first turns only, since a second turn refers to the first; roleplay excluded), drawn
-with a seed per persona. The answer to turn k comes from the base model with the persona *fresh*: it sees only
+with MT-bench questions (first turns only, since a second turn refers to the first; roleplay excluded) of the
+train part of the question split (data/question_split.py, `data.question_split`; evaluation asks the test part),
+drawn with a seed per persona. The answer to turn k comes from the base model with the persona *fresh*: it sees only
 [persona system prompt ; user turn k] (greedy, `data.max_new_tokens`, mechanism disabled). A training example
 is the whole conversation [persona ; u1 a1 ; u2 a2 ; ...] cut at `data.max_length`, labels on every answer,
 segment 0 = the persona and segment k = turn k (so `module.distill_weight` works on it unchanged).
@@ -19,7 +20,7 @@ the persona conversations too, pulling them toward the drifting base model on th
 `data.val_personas` > 0 adds validation conversations of that many val-part personas (unseen in training).
 The answers are generated once and cached as JSONL (persona_lit/data/cache.py) keyed by the model fingerprint
 and every setting that changes them. The run's split is written to its Hydra run directory
-(persona_pool.store_split) so that `evaluate.py ckpt=<run> personas=test_split` evaluates on the personas the
+(persona_pool.store_split, with question_split.json) so that `evaluate.py ckpt=<run> personas=test_split` evaluates on the personas the
 run never saw. The run's `persona=` is not used for the training data.
 
     python train.py mechanism=lyra data=persona_pool data.max_personas=64 module.distill_weight=1.0
@@ -59,11 +60,12 @@ def run_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
-def mt_bench_questions(path: str | None) -> list[str]:
-    """MT-bench first turns in file order, roleplay excluded (it asks the model to become someone else)."""
+def mt_bench_questions(path: str | None, ids: set[int]) -> list[str]:
+    """MT-bench first turns of the questions `ids` (the train part of the question split) in file order, roleplay
+    excluded (it asks the model to become someone else)."""
     from persona_lit.data.readers import read_mt_bench
 
-    return [q.turns[0] for q in read_mt_bench(path) if q.category != "roleplay"]
+    return [q.turns[0] for q in read_mt_bench(path) if q.category != "roleplay" and q.question_id in ids]
 
 
 def conversation_questions(own: Sequence[str], mt: Sequence[str], turns: int, rng: random.Random) -> list[str]:
@@ -94,9 +96,9 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
     def __init__(self, chat: ChatTokenizer, persona: Persona, *, pool: Any, max_personas: int | None, turns: int,
                  control_fraction: float, val_personas: int, mt_bench_path: str | None, max_new_tokens: int,
                  generation_batch: int, cache_dir: str, max_length: int, batch_size: int, seed: int,
-                 num_workers: int):
+                 num_workers: int, question_split: Any = None):
         super().__init__(chat, persona, with_system_prompt=False, max_length=max_length, batch_size=batch_size,
-                         val_fraction=0.0, seed=seed, num_workers=num_workers)
+                         val_fraction=0.0, seed=seed, num_workers=num_workers, question_split=question_split)
         from omegaconf import DictConfig, OmegaConf
 
         self.pool_cfg = OmegaConf.to_container(pool, resolve=True) if isinstance(pool, DictConfig) else dict(pool)
@@ -113,6 +115,7 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
         self._model: torch.nn.Module | None = None
         self._disabled: Callable[[], ContextManager] | None = None
         self.split = None  # persona_pool.Split, set by setup
+        self.questions = None  # question_split.QuestionSplit (MT-bench), set by setup
         self.cache_path: Path | None = None
         self.conversations: list[dict[str, Any]] = []  # the training conversations (records of the cache)
 
@@ -124,6 +127,7 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
     def plans(self) -> tuple[list[Plan], list[Plan]]:
         """(training plans: personas then controls, validation plans); sets self.split and writes it to the
         Hydra run directory when there is one."""
+        from persona_lit.data import question_split as qs
         from persona_lit.personas import pool as pp, split as sp
 
         p = self.pool_cfg
@@ -133,7 +137,11 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
         if where is not None:
             stored = sp.store_split(where, p)
             assert stored.parts == self.split.parts, "the stored split differs from the one trained on"
-        sources, mt = self.split.pool_spec["sources"], mt_bench_questions(self.mt_bench_path)
+            self.questions = qs.store_question_split(where, self.question_split, self.mt_bench_path)
+        else:
+            self.questions = qs.split_from_config(self.question_split, self.mt_bench_path)
+        sources = self.split.pool_spec["sources"]
+        mt = mt_bench_questions(self.mt_bench_path, self.questions.ids("train"))
 
         def persona_plans(part: str, limit: int | None) -> list[Plan]:
             out = []
@@ -159,6 +167,7 @@ class PersonaPoolDataModule(PersonaDialogueDataModule):
         plan = json.dumps([[x.key, x.system, list(x.questions)] for x in plans], ensure_ascii=False)
         return {"format": FORMAT, "fingerprint": fingerprint, "pool": self.split.pool_spec,
                 "pool_hash": self.split.pool_hash, "split_seed": self.split.seed, "fractions": self.split.fractions,
+                "question_split": self.questions.hash if self.questions is not None else None,
                 "max_personas": self.max_personas, "val_personas": self.val_personas, "turns": self.turns,
                 "control_fraction": self.control_fraction, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
                 "decoding": "greedy", "plan": hashlib.sha256(plan.encode()).hexdigest()[:16]}

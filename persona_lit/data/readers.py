@@ -107,9 +107,10 @@ def default_mt_bench_path() -> Path:
     return root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
 
 
-def read_mt_bench_exchanges(questions_path: str | Path | None = None,
-                             answers_path: str | Path | None = None) -> list[list[dict[str, str]]]:
-    """MT-bench questions paired with their reference answers (both turns), as chat dialogues."""
+def read_mt_bench_exchanges(questions_path: str | Path | None = None, answers_path: str | Path | None = None,
+                            only: set[int] | None = None) -> list[list[dict[str, str]]]:
+    """MT-bench questions paired with their reference answers (both turns), as chat dialogues; `only`: just the
+    questions with these ids (a part of the question split)."""
     questions = {q.question_id: q for q in read_mt_bench(questions_path)}
     answers_path = answers_path or default_mt_bench_path().parent / "reference_answer" / "gpt-4.jsonl"
     dialogues = []
@@ -120,6 +121,8 @@ def read_mt_bench_exchanges(questions_path: str | Path | None = None,
             else None
         if q is None or not isinstance(turns, list):
             raise UserError(f"{where}: needs a known 'question_id' and 'choices[0].turns'")
+        if only is not None and qid not in only:
+            continue
         for user, answer in zip(q.turns, turns):
             dialogues.append([{"role": "user", "content": user}, {"role": "assistant", "content": str(answer)}])
     return dialogues

@@ -79,10 +79,15 @@ def evaluate(cfg: DictConfig) -> Path | None:
 
 
 def drift_inputs(cfg: DictConfig) -> tuple[MTBenchDataModule, Judge | None, list | None]:
-    """The drift protocol's turns, judge and chosen personas, checked before any model loads."""
+    """The drift protocol's turns (from the evaluated part of the question split), judge and chosen personas,
+    checked before any model loads."""
+    from persona_lit.data.question_split import for_evaluation
+
+    split, info = for_evaluation(cfg)
     turns = MTBenchDataModule(cfg.mt_bench_path, int(cfg.turns), int(cfg.conversations), cfg.seed,
-                              list(cfg.exclude_categories))
+                              list(cfg.exclude_categories), question_ids=split.ids(info["part"]))
     turns.setup("predict")  # bad data fails here, before the model loads
+    turns.split_info = info
     if cfg.judge.url and not cfg.judge.model:
         raise UserError(f"judge.url={cfg.judge.url}: also set judge.model (the endpoint's model name)")
     for key in ("capability_exchanges", "capability_tokens", "probe_batch", "conversation_batch"):
@@ -141,7 +146,8 @@ def drift_setup(cfg: DictConfig, turns: MTBenchDataModule, chosen, device: torch
     torch.manual_seed(int(cfg.seed or 0))
     asked = {t.question_id for streams in turns.persona_streams([p.key for p in personas]).values()
              for stream in streams for t in stream}
-    capability = neutral_exchanges(int(cfg.capability_exchanges), asked, cfg.mt_bench_path)
+    capability = neutral_exchanges(int(cfg.capability_exchanges), asked, cfg.mt_bench_path,
+                                   only=turns.question_ids)  # references of the evaluated part only
     runner = ConversationRunner(model, backbone.chat, mechanism, int(cfg.max_new_tokens),
                                 int(cfg.probe_max_new_tokens), bool(cfg.do_sample), float(cfg.temperature),
                                 probe_batch=int(cfg.probe_batch))
@@ -209,6 +215,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
                 "streams": {"per": "persona and conversation", "seed": cfg.seed,
                             "questions": {key: [[t.question_id for t in s] for s in group]
                                           for key, group in turns.persona_streams(list(by_persona)).items()}},
+                "question_split": turns.split_info,
                 **({"persona_split": chosen.info} if getattr(chosen, "info", None) else {})},
         **summarize(protocol, probe_turns, cfg.projection_layer, axis),
         "config": config,

@@ -1,9 +1,12 @@
-"""The seeded, persona-disjoint train/val/test split of the persona pool (pool.py), stored with every run, and
+"""The seeded, content-disjoint train/val/test split of the persona pool (pool.py), stored with every run, and
 the personas an evaluation takes from it (`personas=test_split`).
 
-The split (`split(pool, seed, fractions)`) is per source (stratified): each source's keys are shuffled with a
-seed derived from (seed, source) and cut into test, val, train shares of at least one persona each, so every
-source is in every part and no persona is in two parts. `write_split`/`read_split` store it as JSON with the
+The split (`split(pool, seed, fractions)`) is per source (stratified) and by content group: personas that share
+content are one group (`content_groups`: a Synthetic-Persona-Chat fact, the same prompt line, or near-duplicate
+prompts such as PersonaGym's "A 72-year-old doctor from Tokyo ..." and "A 70-year-old doctor from Tokyo ..."),
+and a group goes to one part whole. Each source's groups are shuffled with a seed derived from (seed, source)
+and cut into test, val, train shares (by personas, a group never cut) of at least one group each, so every
+source is in every part and no persona, fact or near-duplicate description is in two parts. `write_split`/`read_split` store it as JSON with the
 pool's spec and hash; reading it back rebuilds the pool and refuses (one-line UserError) if the hash differs.
 
 Contract with training (data=persona_pool): a training run calls `store_split(run_dir, pool_cfg)` (pool_cfg
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,6 +32,8 @@ PARTS = ("train", "val", "test")
 SPLIT_NAMES = {"train_split": "train", "val_split": "val", "test_split": "test"}  # personas=<name>
 SPLIT_FILE = "persona_split.json"
 SPLIT_FORMAT = "persona_lit.persona_split/1"
+DISJOINT = "content"  # what a split written here is disjoint by (older files: by persona key only)
+NEAR_DUPLICATE = 0.7  # prompts whose distinctive words overlap this much (Jaccard) are one content group
 
 
 # ---------------------------------------------------------------- the split
@@ -46,7 +52,7 @@ class Split:
         return counts
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": SPLIT_FORMAT, "seed": self.seed, "fractions": self.fractions, "pool": self.pool_spec,
+        return {"format": SPLIT_FORMAT, "disjoint": DISJOINT, "seed": self.seed, "fractions": self.fractions, "pool": self.pool_spec,
                 "pool_hash": self.pool_hash, "counts": {p: self.sources_of(p) for p in PARTS},
                 **{p: self.parts[p] for p in PARTS}}
 
@@ -60,29 +66,73 @@ def check_fractions(fractions: Sequence[float] | Mapping[str, float]) -> dict[st
     return {p: float(v) for p, v in zip(PARTS, values)}
 
 
+def _distinctive_words(prompts: Sequence[str]) -> list[set[str]]:
+    """Each prompt's words (letters only), less those in more than half the prompts (a source's template)."""
+    words = [set(re.findall(r"[a-z]+", p.lower())) for p in prompts]
+    common = {w for w in set().union(*words) if sum(w in ws for ws in words) > len(words) / 2} if words else set()
+    return [ws - common for ws in words]
+
+
+def content_groups(entries: Sequence[Any]) -> list[list[str]]:
+    """The keys of `entries` (one source's pool entries) in groups that share content, each group in pool order,
+    groups in the order of their first key: two personas are in one group when their prompts share a line (after
+    the first, lower-cased, numbers and punctuation dropped: a Synthetic-Persona-Chat fact), or, in a source of
+    fewer than 1,000 personas, when their distinctive words overlap by NEAR_DUPLICATE or more (Jaccard; numbers
+    dropped, so descriptions that differ only in an age are one group)."""
+    keys = [e.key for e in entries]
+    parent = list(range(len(keys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        parent[find(i)] = find(j)
+
+    owner: dict[str, int] = {}
+    prompts = [e.persona.system_prompt for e in entries]
+    for i, prompt in enumerate(prompts):
+        for line in prompt.splitlines()[1:]:
+            norm = " ".join(re.findall(r"[a-z]+", line.lower()))
+            if norm:
+                join(i, owner.setdefault(norm, i))
+    if len(keys) < 1000:
+        words = _distinctive_words(prompts)
+        for i in range(len(keys)):
+            for j in range(i):
+                union = words[i] | words[j]
+                if union and len(words[i] & words[j]) / len(union) >= NEAR_DUPLICATE:
+                    join(i, j)
+    groups: dict[int, list[str]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(find(i), []).append(key)
+    return list(groups.values())
+
+
 def split(pool: Pool, seed: int, fractions: Sequence[float] | Mapping[str, float] = (0.8, 0.1, 0.1)) -> Split:
-    """Persona-disjoint train/val/test keys, stratified by source, deterministic for (pool, seed, fractions):
-    within each source a shuffle seeded by (seed, source), then test and val take round(n * share) keys, at
-    least one each, and train the rest (at least one). A source with fewer than 3 personas is a UserError."""
+    """Content-disjoint train/val/test keys, stratified by source, deterministic for (pool, seed, fractions):
+    within each source its content groups (content_groups) in a shuffle seeded by (seed, source), then test and
+    val take whole groups until they hold round(n * share) personas, at least one group each, and train the rest
+    (at least one group). A source with fewer than 3 content groups is a UserError."""
     shares = check_fractions(fractions)
     parts: dict[str, set[str]] = {p: set() for p in PARTS}
     for source in pool.spec["sources"]:
-        keys = [e.key for e in pool.entries if e.source == source]
-        if len(keys) < 3:
-            raise UserError(f"pool source {source} has {len(keys)} persona(s): too few for a train/val/test split "
-                            f"(each part needs one); drop it from pool.sources")
-        shuffled = keys[:]
+        entries = [e for e in pool.entries if e.source == source]
+        groups = content_groups(entries)
+        if len(groups) < 3:
+            raise UserError(f"pool source {source} has {len(entries)} persona(s) in {len(groups)} content group(s): "
+                            f"too few for a train/val/test split (each part needs one); drop it from pool.sources")
+        shuffled = groups[:]
         random.Random(f"persona_lit.split:{int(seed)}:{source}").shuffle(shuffled)  # str seeds are stable
-        n_test = max(1, round(len(keys) * shares["test"]))
-        n_val = max(1, round(len(keys) * shares["val"]))
-        while n_test + n_val > len(keys) - 1:  # train keeps at least one (n >= 3, so 1 + 1 always fits)
-            if n_test >= n_val:
-                n_test -= 1
-            else:
-                n_val -= 1
-        parts["test"].update(shuffled[:n_test])
-        parts["val"].update(shuffled[n_test : n_test + n_val])
-        parts["train"].update(shuffled[n_test + n_val :])
+        n, at = len(entries), 0
+        for part, left_after in (("test", 2), ("val", 1)):  # groups that must stay for the parts after this one
+            target, taken = max(1, round(n * shares[part])), 0
+            while at < len(shuffled) - left_after and (taken == 0 or taken < target):
+                parts[part].update(shuffled[at])
+                taken, at = taken + len(shuffled[at]), at + 1
+        parts["train"].update(k for g in shuffled[at:] for k in g)
     order = pool.keys
     return Split(int(seed), shares, dict(pool.spec), pool.hash, {p: [k for k in order if k in parts[p]] for p in PARTS})
 
@@ -138,6 +188,9 @@ def read_split(path: str | os.PathLike, pool: Pool | None = None,
         shares = check_fractions(fractions)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    if raw.get("disjoint") != DISJOINT:
+        print(f"persona_lit: warning: {path} is disjoint by persona key only (written before content groups): its "
+              f"test personas may share facts or near-duplicate descriptions with its train personas", flush=True)
     return Split(int(raw["seed"]), shares, spec, raw["pool_hash"], parts), pool
 
 

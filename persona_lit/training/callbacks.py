@@ -125,10 +125,12 @@ class DriftCallback(L.Callback):
     a collective the other ranks do not join."""
 
     def __init__(self, chat, persona, every_n_val_epochs: int = 1, turns: int = 4, probe_turns=(0, 4),
-                 max_new_tokens: int = 32, seed: int = 0, mt_bench_path: str | None = None, baseline: bool = False):
+                 max_new_tokens: int = 32, seed: int = 0, mt_bench_path: str | None = None, baseline: bool = False,
+                 question_split: Any = None):
         self.chat, self.persona, self.every, self.baseline = chat, persona, every_n_val_epochs, baseline
         self.turns, self.probe_turns, self.max_new_tokens = turns, [t for t in probe_turns if t <= turns], max_new_tokens
         self.seed, self.mt_bench_path, self._epochs = seed, mt_bench_path, 0
+        self.question_split = question_split  # the training data's MT-bench split: the callback asks its val part
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not self.every:
@@ -140,7 +142,11 @@ class DriftCallback(L.Callback):
         from persona_lit.data import read_mt_bench, turn_stream
         from persona_lit.evaluation.protocol import run_protocol, summarize
 
-        stream = turn_stream(read_mt_bench(self.mt_bench_path), self.turns, self.seed, ["roleplay"])
+        from persona_lit.data.question_split import split_from_config
+
+        val = split_from_config(self.question_split, self.mt_bench_path).ids("val")
+        questions = [q for q in read_mt_bench(self.mt_bench_path) if q.question_id in val]
+        stream = turn_stream(questions, self.turns, self.seed, ["roleplay"])
         runner = ConversationRunner(pl_module.model, self.chat, pl_module.mechanism, self.max_new_tokens,
                                     self.max_new_tokens)
         was_training = pl_module.model.training

@@ -72,7 +72,9 @@ def train(cfg: DictConfig) -> Path:
             ThroughputMonitor(),
             StopOnNonFiniteLoss(),
             ExportCheckpoint(str(ckpt_dir)),
-            *([DriftCallback(backbone.chat, persona, **plain(cfg.drift))] if cfg.drift.every_n_val_epochs else []),
+            *([DriftCallback(backbone.chat, persona, **plain(cfg.drift),
+                             question_split=plain(cfg.data.get("question_split")))]
+              if cfg.drift.every_n_val_epochs else []),
             *(instantiate(c) for c in (cfg.callbacks or {}).values()),
         ]
         logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
