@@ -53,3 +53,19 @@ def test_word_checks_match_whole_words_only(answer, words, hit):
     assert CHECKS["contains_any"](answer, words) is hit
     assert CHECKS["contains_all"](answer, words) is hit
     assert CHECKS["contains_none"](answer, words) is (not hit)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_every_reference_answer_passes_its_check_when_cut_at_the_probe_budget(backbone_factory, model):
+    """A generated probe answer stops at probe_max_new_tokens: a perfect persona's answer, cut there, must still
+    pass (a check on the end of a long answer could never pass, whatever the model does)."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+
+    budget = int(OmegaConf.load(REPO / "conf" / "evaluate.yaml").probe_max_new_tokens)
+    chat = backbone_factory(model).chat
+    for key in builtin_personas():
+        for probe in load_persona(key).probes:
+            cut = chat.decode(chat._ids(probe.persona_answer)[:budget])
+            assert probe.check(cut), (key, probe.question, cut)

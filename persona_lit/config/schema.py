@@ -58,7 +58,7 @@ RULES = {
     # evaluate.yaml
     "compare": "list[str]?", "ckpt": "str?", "persona": "str?", "personas": "str|list[str]?", "turns": ">= 1",
     "probe_kinds": "list[str]?", "probe_turns": ">= 0", "conversations": ">= 1", "conversation_batch": "int? >= 1",
-    "probe_batch": ">= 1", "devices": ">= 1", "capability_exchanges": ">= 0", "capability_tokens": ">= 1",
+    "probe_batch": ">= 1", "choice_distractors": ">= 0", "protocol": "{free,replay}", "devices": ">= 1", "capability_exchanges": ">= 0", "capability_tokens": ">= 1",
     "projection_layer": "int? >= 0", "projection_direction": "str?", "mt_bench_path": "str?",
     "max_new_tokens": ">= 1", "probe_max_new_tokens": ">= 1", "temperature": "float > 0",
     "judge.url": "str?", "judge.model": "str?", "judge.timeout_s": "float > 0",

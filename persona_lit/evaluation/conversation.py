@@ -58,6 +58,7 @@ class TurnRecord:
     capability: dict[str, float] | None = None  # kl_to_base, nll on reference answers (see probing.py)
     judge: dict[str, float] | None = None  # persona, coherence 0-100 from an optional LLM judge (judge.py)
     persona: str = ""  # the persona whose probes were asked (set by the drift protocol)
+    answer_ids: list[int] | None = None  # the answer's tokens (a replay transcript is made of them)
     stopped: str = ""  # on a conversation's last record: why no further turn ran (the context limit), if so
     seconds: float | None = None  # wall-clock seconds of this turn's answers, whole batch, no probes; turn 0: None
 
@@ -224,10 +225,19 @@ class ConversationRunner(Probing):
 
     @torch.no_grad()
     def say(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None,
-            reminder: str | None | Sequence[str | None] = None, close: bool = True) -> list[str]:
+            reminder: str | None | Sequence[str | None] = None, close: bool = True,
+            given: Sequence[Sequence[int]] | None = None) -> list[str]:
         """Appends one user turn per row (one text for all, or one each) and the model's answers; `reminder`: a
         system prompt re-inserted before the turn (see user_turn_ids), one for all rows or one each. `close=False`
-        (a probe on a fork that is thrown away): the answers are not closed and the turn is not re-encoded."""
+        (a probe on a fork that is thrown away): the answers are not closed and the turn is not re-encoded.
+        `given`: each row's answer tokens, read teacher-forced instead of generated (protocol=replay)."""
+        return [self.chat.decode(a) for a in self.say_ids(conv, user_text, max_new_tokens, reminder, close, given)]
+
+    @torch.no_grad()
+    def say_ids(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None,
+                reminder: str | None | Sequence[str | None] = None, close: bool = True,
+                given: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+        """say(), returning each row's answer tokens (without the end token)."""
         if conv.tokens.shape[1] == 0:
             self._open(conv)
         if self.mechanism is not None:
@@ -236,9 +246,10 @@ class ConversationRunner(Probing):
         texts, reminders = per_row(user_text, conv.rows), per_row(reminder, conv.rows)
         conv.append([self.user_turn_ids(t, conv.open_turn, r) for t, r in zip(texts, reminders)], self.chat.pad_id)
         conv.open_turn = False
-        answers = self._decode(conv, max_new_tokens or self.max_new_tokens)
+        answers = self._decode(conv, max_new_tokens or self.max_new_tokens) if given is None else \
+            self._teacher_force(conv, given)
         if not close:
-            return [self.chat.decode(a) for a in answers]
+            return answers
         conv.append([self.chat.close_assistant()] * conv.rows, self.chat.pad_id)  # fed later, or now if turn-bound
         if mark is not None:  # clean history: the finished turn is cached again, unsteered
             conv.cache = roll_back(conv.cache, mark)
@@ -246,7 +257,27 @@ class ConversationRunner(Probing):
                 self.forward_new(conv, logits_to_keep=1)
         elif self.mechanism is not None and self.mechanism.turn_bound:
             self.forward_new(conv, logits_to_keep=1)
-        return [self.chat.decode(a) for a in answers]
+        return answers
+
+    def _teacher_force(self, conv: Conversation, given: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each row's given answer read as if it had been generated: the prompt is fed, the mechanism told the
+        answer begins, then the answer's tokens (padding after a shorter row's, as _decode leaves it; the last
+        token uncached, as _decode leaves it)."""
+        answers = [list(a) for a in per_row(list(given), conv.rows)]
+        self.forward_new(conv, logits_to_keep=1)
+        if self.mechanism is not None:
+            self.mechanism.begin_answer()
+        width = max((len(a) for a in answers), default=0)
+        if width == 0:
+            return answers
+        conv.append(answers, self.chat.pad_id, pad_left=False)
+        slots = conv.tokens.shape[1] - 1  # the last slot stays uncached
+        if slots > self._cached(conv):
+            last_tokens, last_mask = conv.tokens[:, -1:], conv.mask[:, -1:]
+            conv.tokens, conv.mask = conv.tokens[:, :-1], conv.mask[:, :-1]
+            self.forward_new(conv, logits_to_keep=1)
+            conv.tokens, conv.mask = torch.cat([conv.tokens, last_tokens], 1), torch.cat([conv.mask, last_mask], 1)
+        return answers
 
     def _decode(self, conv: Conversation, max_new_tokens: int) -> list[list[int]]:
         """Greedy or sampled decoding of every row; a row's end token and what follows are masked slots
@@ -343,7 +374,8 @@ class ConversationRunner(Probing):
     def run(self, persona: Persona | None | Sequence[Persona | None], streams: Sequence[Iterable[Any]],
             probe_turns: Sequence[int], probes: Sequence[Probe] | Sequence[Sequence[Probe]] | None = None,
             progress: bool = True, desc: str = "conversations",
-            capability: Sequence[tuple[str, str]] = (), bar: Any = None) -> list[list[TurnRecord]]:
+            capability: Sequence[tuple[str, str]] = (), bar: Any = None,
+            replay: Sequence[Sequence[Sequence[int]]] | None = None) -> list[list[TurnRecord]]:
         """All `streams` (equally long) as one batch. Turn 0 is the persona alone (probes only); user turn k
         is turn k. A stream yields objects with `.text` and `.category` (MT-bench UserTurns) or strings.
         `persona`: one for every stream, or a list with one per stream (several personas in one batch).
@@ -352,6 +384,8 @@ class ConversationRunner(Probing):
         base model (probing.py).
 
         `bar`: a tqdm bar to advance by one per turn (run_personas: one per arm), else one of its own.
+        `replay`: per row, the answer tokens of each turn (a transcript): read teacher-forced, not generated; the
+        conversation runs as many turns as the shortest row's transcript holds.
 
         The context limit (context_limit()): a turn that could take any row past it is not run; the batch stops
         after its last turn that fits, with a warning, and its last records say so in `stopped` (never wraps)."""
@@ -376,6 +410,8 @@ class ConversationRunner(Probing):
 
         measure(0)
         n_turns = min((len(s) for s in streams), default=0)
+        if replay is not None:
+            n_turns = min([n_turns] + [len(r) for r in replay])
         limit = self.context_limit()
         own = bar is None
         if own:
@@ -396,13 +432,15 @@ class ConversationRunner(Probing):
                         rows[-1].stopped = why
                     break
             began = time.perf_counter()
-            answers = self.say(conv, texts, **({"reminder": reminder} if reminder is not None else {}))
+            given = None if replay is None else [r[t - 1] for r in replay]
+            ids = self.say_ids(conv, texts, given=given, **({"reminder": reminder} if reminder is not None else {}))
+            answers = [self.chat.decode(a) for a in ids]
             if self.model is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the turn's kernels done before the clock stops
             seconds = time.perf_counter() - began
             for b, (x, answer) in enumerate(zip(turns, answers)):
                 records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
-                                             len(conv.row_ids(b)), seconds=seconds))
+                                             len(conv.row_ids(b)), seconds=seconds, answer_ids=list(ids[b])))
             measure(t)
             bar.set_postfix_str(f"history {max(r[-1].history_tokens for r in records)} tokens", refresh=False)
             bar.update(1)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from persona_lit.evaluation.choice import outcome as choice_outcome
 from persona_lit.personas.types import Probe
 
 
@@ -31,6 +32,7 @@ class ProbeResult:
     answer: str
     passed: bool
     margin: float | None = None  # mean log p per token: persona answer minus default-assistant answer
+    log_odds: float | None = None  # a forced-choice probe's log-odds over chance (evaluation/choice.py)
 
 
 @dataclass(frozen=True)
@@ -108,32 +110,38 @@ class Probing:
     def probe(self, conv, probes: Sequence[Probe] | Sequence[Sequence[Probe]],
               turn: int) -> list[tuple[list[ProbeResult], torch.Tensor | None]]:
         """Per conversation: every probe (the same for every row, or a list per row) answered (generated) and
-        scored, and the mean reply-start state (None for a row without probes)."""
+        scored, and the mean reply-start state (None for a row without probes). A forced-choice probe (one with
+        `choices`) is scored only: its candidates teacher-forced, the highest mean log p per token is its answer."""
         rows = per_row_probes(probes, conv.rows)
         pairs = by_wave([[(b, p) for p in row] for b, row in enumerate(rows)])
         if not pairs:
             return [([], None) for _ in range(conv.rows)]
-        answers: list[str] = []
-        for chunk in _chunks(pairs, self.fork_rows(conv)):
-            answers += self.on_fork(conv, [b for b, _ in chunk], self.say, [p.question for _, p in chunk],
-                                    self.probe_max_new_tokens, close=False)
-        items = [ScoreItem(b, p.question, p.persona_answer) for b, p in pairs]
-        items += [ScoreItem(b, p.question, p.assistant_answer) for b, p in pairs]
-        scored = self.score(conv, items)
-        persona_scores, assistant_scores = scored[: len(pairs)], scored[len(pairs) :]
-        out = []
-        for b in range(conv.rows):
-            results, states = [], []
-            for k, (row, p) in enumerate(pairs):
-                if row != b:
-                    continue
-                margin = None
-                if p.persona_answer and p.assistant_answer:
-                    margin = persona_scores[k].mean_logp - assistant_scores[k].mean_logp
-                results.append(ProbeResult(turn, p.question, p.kind, answers[k], bool(p.check(answers[k])), margin))
-                states.append(persona_scores[k].state)
-            out.append((results, torch.stack(states).mean(0) if states else None))
-        return out
+        asked = [(b, p) for b, p in pairs if not p.choices]
+        generated: list[str] = []
+        for chunk in _chunks(asked, self.fork_rows(conv)):
+            generated += self.on_fork(conv, [b for b, _ in chunk], self.say, [p.question for _, p in chunk],
+                                      self.probe_max_new_tokens, close=False)
+        answers = iter(generated)
+        candidates = [[p.persona_answer, *p.choices] if p.choices else [p.persona_answer, p.assistant_answer]
+                      for _, p in pairs]
+        where = [(k, j) for j in range(max(map(len, candidates))) for k, texts in enumerate(candidates)
+                 if j < len(texts)]  # every pair's first candidate, then every second, ...: waves of rows (by_wave)
+        scored = self.score(conv, [ScoreItem(pairs[k][0], pairs[k][1].question, candidates[k][j]) for k, j in where])
+        per_pair: list[list[Scored]] = [[None] * len(texts) for texts in candidates]  # type: ignore[list-item]
+        for (k, j), s in zip(where, scored):
+            per_pair[k][j] = s
+        out: list[tuple[list[ProbeResult], list[torch.Tensor]]] = [([], []) for _ in range(conv.rows)]
+        for (b, p), texts, scores in zip(pairs, candidates, per_pair):
+            results, states = out[b]
+            if p.choices:
+                passed, log_odds, best = choice_outcome([s.mean_logp for s in scores])
+                results.append(ProbeResult(turn, p.question, p.kind, texts[best], passed, None, log_odds))
+                continue
+            answer = next(answers)
+            margin = scores[0].mean_logp - scores[1].mean_logp if p.persona_answer and p.assistant_answer else None
+            results.append(ProbeResult(turn, p.question, p.kind, answer, bool(p.check(answer)), margin))
+            states.append(scores[0].state)
+        return [(results, torch.stack(states).mean(0) if states else None) for results, states in out]
 
     def prepare_references(self, exchanges: Sequence[tuple[str, str]], max_tokens: int) -> None:
         """The base model's log-probs on each reference answer, with no persona and no history. Call it

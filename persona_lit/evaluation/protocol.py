@@ -22,6 +22,7 @@ from persona_lit.steering.vectors import Direction
 # The metrics see the complete list of records on one process (rank 0 after a gather, or the drift callback on
 # rank 0 alone): they must not enter a collective the other ranks never join.
 LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
+PROTOCOLS = ("free", "replay")
 
 
 @dataclass
@@ -59,7 +60,8 @@ def run_protocol(runner: ConversationRunner, persona: Persona, streams: Sequence
 def run_personas(runner: ConversationRunner, personas: Sequence[Persona], streams: Sequence[Sequence[Any]],
                  probe_turns: Sequence[int], control: bool = True, progress: bool = True,
                  capability: Sequence[tuple[str, str]] = (), capability_tokens: int = 48,
-                 batch: int = 8, baseline: bool = True, bleed: bool = False) -> list[ProtocolResult]:
+                 batch: int = 8, baseline: bool = True, bleed: bool = False,
+                 protocol: str = "free") -> list[ProtocolResult]:
     """Every persona on its streams: one ProtocolResult per persona, its conversations in stream order. `streams`:
     {persona key: that persona's streams} (MTBenchDataModule.persona_streams: each unit its own), or one list of
     streams every persona runs on.
@@ -71,10 +73,18 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
     a mechanism other than `none`: with `baseline`, baseline (the persona as system prompt, mechanism disabled:
     what `none` would do); with `bleed`, bleed (no persona, mechanism on: does it invent a persona, at what
     capability cost; it answers the persona's probes, as the control arm does). The bleed arm runs last, so
-    the other arms are the same with or without it."""
+    the other arms are the same with or without it.
+
+    `protocol`: "free" (each arm writes its own answers: its probes see its own history) or "replay" (one
+    transcript per (persona, stream), written by the base model with the persona: the baseline arm, or the
+    persona arm under `none`, generates it; every other arm reads it teacher-forced, so all arms are probed on the
+    same history and their paired differences compare like with like). Replay runs the baseline arm first."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     if capability:
         runner.prepare_references(capability, capability_tokens)
-    baseline = baseline and runner.mechanism.name != "none"  # there the persona arm is the baseline
+    replay = protocol == "replay"
+    baseline = (baseline or replay) and runner.mechanism.name != "none"  # there the persona arm is the baseline
     bleed = bleed and runner.mechanism.name != "none"  # there it is the control arm
     keys = [p.key for p in personas]
     if len(set(keys)) != len(keys):
@@ -96,15 +106,25 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
             who, group = [p for p, _ in units[k : k + batch]], [s for _, s in units[k : k + batch]]
             nobody, probes = [None] * len(who), [p.probes for p in who]
             common = dict(progress=progress, capability=capability)
-            arms["persona"] += runner.run(who, group, probe_turns, bar=bars["persona"], **common)
+            transcript = None
+            if replay and baseline:  # the base model with the persona writes the transcript
+                with runner.mechanism.disabled():
+                    written = runner.run(who, group, probe_turns, bar=bars["baseline"], **common)
+                arms["baseline"] += written
+                transcript = _transcript(written)
+            mine = runner.run(who, group, probe_turns, bar=bars["persona"], replay=transcript, **common)
+            arms["persona"] += mine
+            if replay and transcript is None:  # `none`: its persona arm is the base model with the persona
+                transcript = _transcript(mine)
             with runner.mechanism.disabled():
-                if baseline:
+                if baseline and not replay:
                     arms["baseline"] += runner.run(who, group, probe_turns, bar=bars["baseline"], **common)
                 if control:
                     arms["control"] += runner.run(nobody, group, probe_turns, probes=probes, bar=bars["control"],
-                                                  **common)
+                                                  replay=transcript, **common)
             if bleed:
-                arms["bleed"] += runner.run(nobody, group, probe_turns, probes=probes, bar=bars["bleed"], **common)
+                arms["bleed"] += runner.run(nobody, group, probe_turns, probes=probes, bar=bars["bleed"],
+                                            replay=transcript, **common)
     finally:
         for b in bars.values():
             b.close()
@@ -116,6 +136,22 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
                 r.persona = persona.key  # the control and bleed arms answer the same persona's probes, without it
         out.append(ProtocolResult(mine["persona"], mine["control"], [], mine["baseline"], mine["bleed"]))
     return out
+
+
+def _transcript(records: list[list[TurnRecord]]) -> list[list[list[int]]]:
+    """Per conversation, each turn's answer tokens (turn 0, the persona alone, has none)."""
+    return [[list(r.answer_ids or []) for r in rows[1:]] for rows in records]
+
+
+def transcript_hash(result: ProtocolResult) -> str:
+    """sha256 (16 hex digits) of a replay's transcript: each conversation's user turns and answer tokens, from the
+    arm that wrote it (baseline, or persona under `none`). Runs pair on replay only where it is equal."""
+    import hashlib
+    import json
+
+    source = result.baseline_arm or result.persona_arm
+    payload = [[[r.user, list(r.answer_ids or [])] for r in rows[1:]] for rows in source]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def _groups(result: ProtocolResult) -> list[int]:
@@ -165,9 +201,15 @@ def _mean_margin(r: TurnRecord) -> float | None:
     return sum(margins) / len(margins) if margins else None
 
 
+def _mean_log_odds(r: TurnRecord) -> float | None:
+    values = [p.log_odds for p in r.probes if p.log_odds is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns: list[int],
                     suffix: str) -> dict[str, Any]:
     out = _per_turn(arm, groups, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
+    out.update(_per_turn(arm, groups, probe_turns, f"choice/log_odds{suffix}", _mean_log_odds))
     out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_base{suffix}", _kl_to_base, (0.0, math.inf)))
     out.update(_per_turn(arm, groups, probe_turns, f"capability/perplexity{suffix}",
                          lambda r: math.exp(r.capability["nll"]) if r.capability else None, (1.0, math.inf)))
@@ -207,6 +249,7 @@ def _versus_baseline(result: ProtocolResult, probe_turns: list[int]) -> dict[str
     capability KL to base (the mechanism's capability cost over the plain system prompt at the same turn)."""
     values = {f"adherence/{kind}": functools.partial(_fraction_passed, kind=kind) for kind in _kinds(result.persona_arm)}
     values["likelihood_margin"] = _mean_margin
+    values["choice/log_odds"] = _mean_log_odds
     values["capability/kl_to_base"] = _kl_to_base
     return _paired(result.persona_arm, result.baseline_arm, _groups(result), probe_turns, values, "vs_baseline")
 

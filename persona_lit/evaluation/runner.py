@@ -142,7 +142,10 @@ def drift_setup(cfg: DictConfig, turns: MTBenchDataModule, chosen, device: torch
     axis = projection_axis(cfg.get("projection_direction"), backbone.fingerprint, len(decoder_layers(model)),
                            cfg.projection_layer)  # a saved direction to project on, checked against the model
     precision = place(model, mechanism, device, dtype)
-    personas = [_with_probe_kinds(p, cfg.probe_kinds) for p in chosen or [persona]]
+    from persona_lit.evaluation.choice import with_choice_probes
+
+    personas = with_choice_probes(chosen or [persona], int(cfg.get("choice_distractors") or 0), cfg.seed)
+    personas = [_with_probe_kinds(p, cfg.probe_kinds) for p in personas]
     torch.manual_seed(int(cfg.seed or 0))
     asked = {t.question_id for streams in turns.persona_streams([p.key for p in personas]).values()
              for stream in streams for t in stream}
@@ -180,6 +183,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     streams = turns.persona_streams([p.key for p in personas], shards.share(ks) if shards else ks)
     results = run_personas(runner, personas, streams, probe_turns, control=bool(cfg.control),
                            baseline=bool(cfg.baseline), bleed=bool(cfg.get("bleed", False)), capability=capability,
+                           protocol=str(cfg.get("protocol") or "free"),
                            capability_tokens=int(cfg.capability_tokens),
                            batch=conversation_batch(cfg, setup, streams, device), progress=main)  # conversations of several personas share a batch
     by_persona = {persona.key: result for persona, result in zip(personas, results)}
@@ -212,6 +216,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
                 "precision": precision, "context_limit": runner.context_limit(), "last_turn": last_turn,
                 "capability_references": references_fingerprint(capability, int(cfg.capability_tokens)),
                 "headline": headline(cfg, probe_turns),
+                "protocol": protocol_info(cfg, protocol),
                 "streams": {"per": "persona and conversation", "seed": cfg.seed,
                             "questions": {key: [[t.question_id for t in s] for s in group]
                                           for key, group in turns.persona_streams(list(by_persona)).items()}},
@@ -229,6 +234,18 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     log_results(cfg, results, out_dir, "+".join(by_persona))
     print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir
+
+
+def protocol_info(cfg: DictConfig, protocol) -> dict[str, Any]:
+    """results.json run.protocol: free-running, or replay with the hash of the transcript every arm read."""
+    name = str(cfg.get("protocol") or "free")
+    if name != "replay":
+        return {"name": name}
+    from persona_lit.evaluation.protocol import transcript_hash
+
+    return {"name": name, "transcript": transcript_hash(protocol),
+            "written_by": "the base model with the persona, greedy" if not cfg.do_sample else
+            "the base model with the persona, sampled"}
 
 
 def headline(cfg: DictConfig, probe_turns: list[int]) -> dict[str, Any]:

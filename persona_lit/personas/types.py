@@ -26,6 +26,9 @@ class Probe:
     # would give (fails it). They test the check itself and feed likelihood-margin metrics.
     persona_answer: str = ""
     assistant_answer: str = ""
+    # A forced-choice probe (kind "choice", evaluation/choice.py): the wrong candidates; persona_answer is the
+    # right one. Scored teacher-forced, never generated; `check` is not used.
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
