@@ -95,3 +95,32 @@ def test_evaluate_records_the_protocol_and_transcript(tmp_path):
     for r in rows:
         by_arm.setdefault(r["arm"], []).append((r["conversation"], r["turn"], r["answer"]))
     assert by_arm["persona"] == by_arm["baseline"] == by_arm["control"] and len(by_arm["persona"]) == 6
+
+
+@pytest.mark.parametrize("bias", [0.0, 2.0])
+@pytest.mark.parametrize("budget", [None, 1])
+def test_replay_scores_kl_to_none_on_the_same_history(backbone_factory, monkeypatch, capsys, bias, budget):
+    """kl_to_none is 0 where the mechanism is the base model (instaboost bias 0) though history moved KL to base
+    (so each row is paired with its own baseline row), > 0 where it is not; also with one conversation per batch
+    (a log-prob budget too small for more), which is said in one line."""
+    from persona_lit.evaluation import protocol
+
+    if budget is not None:
+        monkeypatch.setattr(protocol, "KL_STORE_BYTES", budget)
+    bb = backbone_factory("tiny-gemma3")
+    net, mech = attach_mechanism(bb, OmegaConf.create({"name": "instaboost", "options": {"bias": bias}}))
+    runner = ConversationRunner(net.eval(), bb.chat, mech, max_new_tokens=5, probe_max_new_tokens=3)
+    personas = _personas()
+    streams = {p.key: [TURNS, TURNS[::-1]] for p in personas}
+    results = run_personas(runner, personas, streams, [0, 3], protocol="replay", capability=CAPABILITY,
+                           capability_tokens=8)
+    assert ("1 conversations per batch" in capsys.readouterr().out) == (budget is not None)
+    for result in results:
+        for records in result.persona_arm:
+            scored = [r for r in records if r.capability]
+            assert [r.turn for r in scored] == [0, 3]
+            for r in scored:
+                kl = r.capability["kl_to_none"]
+                assert (kl == pytest.approx(0.0, abs=1e-6)) if bias == 0 else kl > 1e-4
+            assert scored[-1].capability["kl_to_base"] > 1e-4  # the history alone moves the model
+        assert all(r.capability_logprobs is None for rows in result.baseline_arm for r in rows)  # freed

@@ -59,6 +59,7 @@ class TurnRecord:
     judge: dict[str, float] | None = None  # persona, coherence 0-100 from an optional LLM judge (judge.py)
     persona: str = ""  # the persona whose probes were asked (set by the drift protocol)
     answer_ids: list[int] | None = None  # the answer's tokens (a replay transcript is made of them)
+    capability_logprobs: list[torch.Tensor] | None = None  # kept for another arm's kl_to_none (run(keep_logprobs))
     stopped: str = ""  # on a conversation's last record: why no further turn ran (the context limit), if so
     seconds: float | None = None  # wall-clock seconds of this turn's answers, whole batch, no probes; turn 0: None
 
@@ -375,7 +376,8 @@ class ConversationRunner(Probing):
             probe_turns: Sequence[int], probes: Sequence[Probe] | Sequence[Sequence[Probe]] | None = None,
             progress: bool = True, desc: str = "conversations",
             capability: Sequence[tuple[str, str]] = (), bar: Any = None,
-            replay: Sequence[Sequence[Sequence[int]]] | None = None) -> list[list[TurnRecord]]:
+            replay: Sequence[Sequence[Sequence[int]]] | None = None, keep_logprobs: bool = False,
+            against: Sequence[Sequence[TurnRecord]] | None = None) -> list[list[TurnRecord]]:
         """All `streams` (equally long) as one batch. Turn 0 is the persona alone (probes only); user turn k
         is turn k. A stream yields objects with `.text` and `.category` (MT-bench UserTurns) or strings.
         `persona`: one for every stream, or a list with one per stream (several personas in one batch).
@@ -385,7 +387,9 @@ class ConversationRunner(Probing):
 
         `bar`: a tqdm bar to advance by one per turn (run_personas: one per arm), else one of its own.
         `replay`: per row, the answer tokens of each turn (a transcript): read teacher-forced, not generated; the
-        conversation runs as many turns as the shortest row's transcript holds.
+        conversation runs as many turns as the shortest row's transcript holds. `keep_logprobs`: each probe turn's
+        record keeps the capability log-probs; `against`: per row, another arm's records that kept them on the same
+        history (a replay), for `kl_to_none` in the capability cost.
 
         The context limit (context_limit()): a turn that could take any row past it is not run; the batch stops
         after its last turn that fits, with a warning, and its last records say so in `stopped` (never wraps)."""
@@ -405,8 +409,12 @@ class ConversationRunner(Probing):
             for b, (results, state) in enumerate(self.probe(conv, row_probes, turn)):
                 records[b][-1].probes, records[b][-1].reply_state = results, state
             if capability:
-                for b, cost in enumerate(self.capability_cost(conv, capability)):
+                other = None if against is None else [
+                    next((r.capability_logprobs for r in rows if r.turn == turn), None) for rows in against]
+                costs, kept = self.capability_cost(conv, capability, other, keep_logprobs)
+                for b, cost in enumerate(costs):
                     records[b][-1].capability = cost
+                    records[b][-1].capability_logprobs = kept[b] if kept is not None else None
 
         measure(0)
         n_turns = min((len(s) for s in streams), default=0)

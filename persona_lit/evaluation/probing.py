@@ -156,20 +156,30 @@ class Probing:
         for (q, a), s in zip(todo, scored):
             self.references[(q, a, max_tokens)] = s.logprobs
 
-    def capability_cost(self, conv, exchanges: Sequence[tuple[str, str]]) -> list[dict[str, float]]:
-        """Per conversation: mean KL to the base model and mean NLL over the exchanges' answer tokens."""
+    def capability_cost(self, conv, exchanges: Sequence[tuple[str, str]],
+                        against: Sequence[list[torch.Tensor] | None] | None = None,
+                        keep: bool = False) -> tuple[list[dict[str, float]], list[list[torch.Tensor]] | None]:
+        """(per conversation: mean KL to the base model and mean NLL over the exchanges' answer tokens, and with
+        `against` (per row, another arm's log-probs on the same exchanges after the same history, or None)
+        `kl_to_none`, the mean KL to that arm; with `keep`, each row's log-probs per exchange, else None)."""
         n = self.capability_tokens
         items = [ScoreItem(b, q, a, n, True) for q, a in exchanges for b in range(conv.rows)]
         scored = self.score(conv, items)
-        out = []
+        out, kept = [], []
         for b in range(conv.rows):
-            kls, nlls = [], []
+            kls, nlls, mine = [], [], []
             for it, s in zip(items, scored):
                 if it.row != b:
                     continue
                 ref = self.references[(it.question, it.answer, n)]
                 kls.append((s.logprobs.exp() * (s.logprobs - ref)).sum(-1))
                 nlls.append(-s.mean_logp * len(ref))
+                mine.append(s.logprobs)
             tokens = sum(len(k) for k in kls)
-            out.append({"kl_to_base": float(torch.cat(kls).mean()), "nll": sum(nlls) / tokens})
-        return out
+            cost = {"kl_to_base": float(torch.cat(kls).mean()), "nll": sum(nlls) / tokens}
+            other = against[b] if against is not None else None
+            if other is not None:
+                cost["kl_to_none"] = float(torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(mine, other)]).mean())
+            out.append(cost)
+            kept.append(mine)
+        return out, kept if keep else None

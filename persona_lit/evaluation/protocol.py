@@ -23,6 +23,7 @@ from persona_lit.steering.vectors import Direction
 # rank 0 alone): they must not enter a collective the other ranks never join.
 LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
 PROTOCOLS = ("free", "replay")
+KL_STORE_BYTES = 2 * 2**30  # replay: the baseline's capability log-probs kept per batch for kl_to_none
 
 
 @dataclass
@@ -95,6 +96,14 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
     if len(counts) > 1:
         raise ValueError(f"every persona needs as many streams; got {sorted(counts)}")
     units = [(p, s) for p in personas for s in own[p.key]]
+    if replay and capability and runner.model is not None:  # the baseline's kept log-probs bound the batch
+        vocab = runner.model.get_output_embeddings().weight.shape[0]
+        per_row = len(probe_turns) * len(capability) * capability_tokens * vocab * 4
+        if batch * per_row > KL_STORE_BYTES:
+            batch = max(1, KL_STORE_BYTES // per_row)
+            if progress:
+                print(f"persona_lit: replay: {batch} conversations per batch, so that the baseline's capability "
+                      f"log-probs kept for kl_to_none stay under {KL_STORE_BYTES / 2**30:.0f} GiB", flush=True)
     arms: dict[str, list[list[TurnRecord]]] = {"persona": [], "control": [], "baseline": [], "bleed": []}
     names = [a for a, on in (("persona", True), ("baseline", baseline), ("control", control), ("bleed", bleed)) if on]
     batches = math.ceil(len(units) / batch)
@@ -107,12 +116,18 @@ def run_personas(runner: ConversationRunner, personas: Sequence[Persona], stream
             nobody, probes = [None] * len(who), [p.probes for p in who]
             common = dict(progress=progress, capability=capability)
             transcript = None
+            written = None
             if replay and baseline:  # the base model with the persona writes the transcript
                 with runner.mechanism.disabled():
-                    written = runner.run(who, group, probe_turns, bar=bars["baseline"], **common)
+                    written = runner.run(who, group, probe_turns, bar=bars["baseline"], keep_logprobs=True,
+                                         **common)
                 arms["baseline"] += written
                 transcript = _transcript(written)
-            mine = runner.run(who, group, probe_turns, bar=bars["persona"], replay=transcript, **common)
+            mine = runner.run(who, group, probe_turns, bar=bars["persona"], replay=transcript, against=written,
+                              **common)  # replay: kl_to_none against the baseline on the same history
+            for records in written or []:
+                for r in records:
+                    r.capability_logprobs = None
             arms["persona"] += mine
             if replay and transcript is None:  # `none`: its persona arm is the base model with the persona
                 transcript = _transcript(mine)
@@ -211,6 +226,8 @@ def _record_metrics(arm: list[list[TurnRecord]], groups: list[int], probe_turns:
     out = _per_turn(arm, groups, probe_turns, f"likelihood_margin{suffix}", _mean_margin)
     out.update(_per_turn(arm, groups, probe_turns, f"choice/log_odds{suffix}", _mean_log_odds))
     out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_base{suffix}", _kl_to_base, (0.0, math.inf)))
+    out.update(_per_turn(arm, groups, probe_turns, f"capability/kl_to_none{suffix}",
+                         lambda r: r.capability.get("kl_to_none") if r.capability else None, (0.0, math.inf)))
     out.update(_per_turn(arm, groups, probe_turns, f"capability/perplexity{suffix}",
                          lambda r: math.exp(r.capability["nll"]) if r.capability else None, (1.0, math.inf)))
     for key in ("persona", "coherence"):

@@ -24,7 +24,8 @@ def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> No
                 for r in records:
                     # tensors stay out of JSON; timings too (results.json has their means), so that the same
                     # run gives the same transcript
-                    row = {k: v for k, v in asdict(r).items() if k not in ("reply_state", "seconds", "answer_ids")}
+                    row = {k: v for k, v in asdict(r).items() if k not in ("reply_state", "seconds", "answer_ids",
+                                                                                   "capability_logprobs")}
                     f.write(json.dumps({"arm": arm, "conversation": c, **row}, ensure_ascii=False) + "\n")
 
 
@@ -32,6 +33,7 @@ PLOTS = {"adherence": ("adherence/", "probe adherence"), "margin": ("likelihood_
          "choice": ("choice/log_odds", "forced choice: log-odds of own identity over chance"),
          "projection": ("projection", "projection (1 = turn 0, 0 = no persona)"),
          "kl_to_base": ("capability/kl_to_base", "KL(model || base, no persona), nats/token"),
+         "kl_to_none": ("capability/kl_to_none", "KL(mechanism || none, same history), nats/token"),
          "perplexity": ("capability/perplexity", "perplexity of reference answers"),
          "judge": ("judge/", "LLM judge score (0-100)")}
 ARM_STYLE = {"_control": "--", "_baseline": ":", "_bleed": "-."}  # the mechanism's own arm: solid
