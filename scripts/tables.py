@@ -40,7 +40,53 @@ def eval_throughput() -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
-RENDERERS = {"eval_throughput": eval_throughput}
+HEADLINE_METRICS = ("choice/log_odds", "adherence/choice", "adherence/name", "adherence/identity",
+                    "likelihood_margin", "capability/kl_to_base")
+
+
+def headline() -> str:
+    """results/*.json (scripts/results.py): per committed run, at its declared headline turn, the mechanism beside the
+    plain system prompt (`none`, the baseline arm) and the control arm (no persona), the paired difference with
+    its interval, the Holm-corrected p of every row but the declared headline; then the run's footing."""
+    sys.path.insert(0, str(REPO))
+    from persona_lit.evaluation.report import _fmt_p, comparison_rows, interval_cell
+
+    out = []
+    for path in sorted((REPO / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        run, metrics = res["run"], res["metrics"]
+        head = run["headline"]
+        rows = {(r["name"], r["turn"]): r for r in comparison_rows(res, "vs_baseline")}
+        split = run.get("persona_split") or {}
+        out += [f"**{res['name']}**: `{run['mechanism']}` on {run['model']}, {len(run['personas'])} unseen test "
+                f"personas ({', '.join(sorted(set(split.get('sources', {}).values())))}) x {run['conversations']} "
+                f"conversations, {run['protocol']['name']} protocol, turn {head['turn']} "
+                f"(~{res['history_tokens'].get(str(head['turn']), 0):.0f} history tokens), {run['precision']}; "
+                f"declared headline `{head['metric']}`.", "",
+                f"| metric (turn {head['turn']}) | {run['mechanism']} | none (baseline arm) | no persona (control) "
+                f"| difference | 95% CI | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for name in HEADLINE_METRICS:
+            r = rows.get((name, head["turn"]))
+            if r is None:
+                continue
+            i, diff = r["i"], r["m"]
+            mech, base, control = metrics[name], metrics[f"{name}_baseline"], metrics.get(f"{name}_control")
+            label = f"**{name}**" if r["headline"] else name
+            ctrl = f"{control['mean'][i]:.3f}" if control and head["turn"] in control["turn"] else "-"
+            out.append(f"| {label} | {mech['mean'][i]:.3f} {interval_cell(mech, i)} | {base['mean'][i]:.3f} "
+                       f"{interval_cell(base, i)} | {ctrl} | {diff['mean'][i]:+.3f} | {interval_cell(diff, i)} "
+                       f"| {'headline' if r['headline'] else _fmt_p(r['p_holm'])} | {r['verdict']} |")
+        if "capability/kl_to_none" in metrics:
+            m = metrics["capability/kl_to_none"]
+            cells = ", ".join(f"turn {t}: {v:.4f} {interval_cell(m, i)}" for i, (t, v) in
+                              enumerate(zip(m["turn"], m["mean"])))
+            out += ["", f"KL of `{run['mechanism']}` to `none` on the same history (replay), nats per token: {cells}."]
+        out += ["", f"Measured on {res['measured_on']} at commit `{str(run.get('commit'))[:12]}`: `{res['command']}` "
+                f"(`{path.relative_to(REPO)}`, report: `results/{path.stem}.md`).", ""]
+    return "\n".join(out) if out else "No committed results yet (`results/`).\n"
+
+
+RENDERERS = {"eval_throughput": eval_throughput, "headline": headline}
 
 
 def render(text: str) -> str:

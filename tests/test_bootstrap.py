@@ -129,3 +129,25 @@ def test_coverage_when_personas_differ():
         m = cluster_interval(clusters, (0.0, 1.0))
         hits += m["ci_low"] <= 0.5 <= m["ci_high"]
     assert 0.85 <= hits / 100 <= 1.0
+
+
+def test_detectable_difference_is_the_power_formula_over_units():
+    from persona_lit.metrics.drift import detectable_difference
+
+    sd = (sum((v - 2.5) ** 2 for v in [1, 2, 3, 4]) / 3) ** 0.5
+    assert detectable_difference([1, 2, 3, 4]) == pytest.approx((3.18 + 0.8416) * sd / 2)
+    assert detectable_difference([0.5]) is None and detectable_difference([0.2, 0.2, 0.2]) is None
+    many = [((-1) ** k) * 0.3 for k in range(64)]
+    assert detectable_difference(many) < detectable_difference(many[:8])  # more personas, smaller differences
+
+
+def test_report_states_the_smallest_detectable_headline_difference():
+    from persona_lit.evaluation.report import detectable_line
+
+    per = lambda d: {"vs_baseline/adherence/choice": {"turn": [0, 8], "mean": [0.0, d]}}  # noqa: E731
+    results = {"run": {"headline": {"metric": "adherence/choice", "turn": 8}},
+               "by_persona": {f"p{k}": per(0.1 * (k % 3)) for k in range(6)}}
+    line = detectable_line(results)[0]
+    assert "6 personas" in line and "±" in line
+    results["by_persona"] = {"p0": per(0.1)}
+    assert "not estimable from 1 persona" in detectable_line(results)[0]

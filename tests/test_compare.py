@@ -131,3 +131,27 @@ def test_kl_on_different_capability_references_is_flagged(tmp_path, runs, capsys
     assert "**KL to base is not comparable across these runs**" in table
     assert "eval_lyra: aaaaaaaaaaaa" in table and "eval_repeat: bbbbbbbbbbbb" in table and "eval_none:" not in table
     assert "warning" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("streams", {"per": "persona and conversation", "seed": 1, "questions": {"cato": [[81, 81]]}}, "question streams"),
+    ("protocol", {"name": "replay", "transcript": "0123456789abcdef"}, "the protocol"),
+    ("personas", ["role:pirate"], "the evaluated personas"),
+    ("question_split", {"hash": "ffff", "part": "val"}, "the question split")])
+def test_runs_on_different_footing_are_refused_in_one_line(tmp_path, runs, key, value, what):
+    for d in runs:
+        res = json.loads((d / "results.json").read_text())
+        res["run"].update({"streams": {"per": "persona and conversation", "seed": 0, "questions": {"cato": [[81]]}},
+                           "personas": ["cato"], "question_split": {"hash": "aaaa", "part": "test"}})
+        (d / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "same"
+    out.mkdir()
+    compare_runs(runs, out)  # the same footing: compared
+    res = json.loads((runs[1] / "results.json").read_text())
+    res["run"][key] = value
+    (runs[1] / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "mixed"
+    out.mkdir()
+    with pytest.raises(UserError) as e:
+        compare_runs(runs, out)
+    assert what in str(e.value) and "\n" not in str(e.value) and not any(out.iterdir())

@@ -76,6 +76,36 @@ def read_run(d: Path) -> dict[str, Any]:
     return res
 
 
+# What two runs of one model and persona set must share to be drawn as a comparison (results.json run.<key>).
+PAIRED_ON = {"personas": "the evaluated personas", "streams": "the question streams",
+             "protocol": "the protocol (free-running or replay, and its transcript)",
+             "question_split": "the question split"}
+
+
+def _paired_value(run: dict, key: str) -> Any:
+    value = run.get(key)
+    if key == "question_split" and isinstance(value, dict):
+        return value.get("hash"), value.get("part")
+    if key == "protocol" and value is None:
+        return {"name": "free"}  # results written before protocols were named are free-running
+    return value
+
+
+def check_pairable(runs: list[tuple[Path, dict]]) -> None:
+    """Runs of the same model and personas are compared turn by turn: they must share personas, streams,
+    protocol and question split (where both record them); else one UserError line naming the first difference."""
+    for i, (d, res) in enumerate(runs):
+        for e, other in runs[:i]:
+            if _context(res) != _context(other):
+                continue
+            for key, what in PAIRED_ON.items():
+                mine, theirs = _paired_value(res["run"], key), _paired_value(other["run"], key)
+                if key in res["run"] and key in other["run"] or key == "protocol":
+                    if mine != theirs:
+                        raise UserError(f"compare: {d} and {e} differ in {what} (run.{key}); allowed: runs of one "
+                                        f"model and persona set on the same {what}")
+
+
 def _labels(runs: list[tuple[Path, dict]]) -> list[str]:
     """The mechanism, with the directory name where two runs share a mechanism."""
     mechs = [res["run"]["mechanism"] for _, res in runs]
@@ -275,6 +305,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> list[str]:
     if not run_dirs:
         raise UserError("compare=[]: give one or more evaluate.py output directories")
     runs = [(Path(d), read_run(Path(d))) for d in run_dirs]
+    check_pairable(runs)
     summary_plot(runs, out_dir / "compare.png")
     written = ["compare.png"] + family_plots(runs, out_dir)
     lines = ["# persona_lit comparison", "", "![compare.png](compare.png)", "",

@@ -74,6 +74,7 @@ class Conversation:
         self.mask = torch.zeros(rows, 0, dtype=torch.bool)
         self.cache: Any = None  # a transformers Cache covering the first cached_len slots
         self.open_turn = False  # Gemma: the persona left the first user turn open
+        self.last_answer_ids: list[list[int]] | None = None  # the answers of the last say(), as tokens
 
     @property
     def rows(self) -> int:
@@ -249,6 +250,7 @@ class ConversationRunner(Probing):
         conv.open_turn = False
         answers = self._decode(conv, max_new_tokens or self.max_new_tokens) if given is None else \
             self._teacher_force(conv, given)
+        conv.last_answer_ids = answers
         if not close:
             return answers
         conv.append([self.chat.close_assistant()] * conv.rows, self.chat.pad_id)  # fed later, or now if turn-bound
@@ -440,15 +442,18 @@ class ConversationRunner(Probing):
                         rows[-1].stopped = why
                     break
             began = time.perf_counter()
-            given = None if replay is None else [r[t - 1] for r in replay]
-            ids = self.say_ids(conv, texts, given=given, **({"reminder": reminder} if reminder is not None else {}))
-            answers = [self.chat.decode(a) for a in ids]
+            extra = {"reminder": reminder} if reminder is not None else {}
+            if replay is not None:
+                extra["given"] = [r[t - 1] for r in replay]
+            conv.last_answer_ids = None
+            answers = self.say(conv, texts, **extra)
+            ids = conv.last_answer_ids or [None] * conv.rows
             if self.model is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the turn's kernels done before the clock stops
             seconds = time.perf_counter() - began
             for b, (x, answer) in enumerate(zip(turns, answers)):
                 records[b].append(TurnRecord(t, texts[b], answer, "" if isinstance(x, str) else x.category,
-                                             len(conv.row_ids(b)), seconds=seconds, answer_ids=list(ids[b])))
+                                             len(conv.row_ids(b)), seconds=seconds, answer_ids=ids[b]))
             measure(t)
             bar.set_postfix_str(f"history {max(r[-1].history_tokens for r in records)} tokens", refresh=False)
             bar.update(1)

@@ -51,6 +51,12 @@ class Scored:
     logprobs: torch.Tensor | None = None  # (answer tokens, vocab), if asked for
 
 
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per position from log-probabilities over the vocabulary; rounding can make a KL of two equal
+    distributions a hair below 0, which is no KL: clamped at 0."""
+    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
+
+
 def per_row_probes(probes: Sequence[Probe] | Sequence[Sequence[Probe]], rows: int) -> list[list[Probe]]:
     """Probes for every row (a flat sequence), or already one list per row."""
     if any(isinstance(p, (list, tuple)) for p in probes):
@@ -172,14 +178,14 @@ class Probing:
                 if it.row != b:
                     continue
                 ref = self.references[(it.question, it.answer, n)]
-                kls.append((s.logprobs.exp() * (s.logprobs - ref)).sum(-1))
+                kls.append(_kl(s.logprobs, ref))
                 nlls.append(-s.mean_logp * len(ref))
                 mine.append(s.logprobs)
             tokens = sum(len(k) for k in kls)
             cost = {"kl_to_base": float(torch.cat(kls).mean()), "nll": sum(nlls) / tokens}
             other = against[b] if against is not None else None
             if other is not None:
-                cost["kl_to_none"] = float(torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(mine, other)]).mean())
+                cost["kl_to_none"] = float(torch.cat([_kl(p, q) for p, q in zip(mine, other)]).mean())
             out.append(cost)
             kept.append(mine)
         return out, kept if keep else None

@@ -248,7 +248,7 @@ def _paired(arm: list[list[TurnRecord]], other: list[list[TurnRecord]], groups: 
     out = {}
     for name, value in values.items():
         bounds = (-1.0, 1.0) if name.startswith("adherence/") else None  # a difference of two proportions
-        metric, seen = PerTurnMean(probe_turns, bounds=bounds, test_zero=True, **LOCAL), False
+        metric, seen, unpaired = PerTurnMean(probe_turns, bounds=bounds, test_zero=True, **LOCAL), False, set()
         for c, (mine, theirs, g) in enumerate(zip(arm, other, groups)):
             theirs_at = {r.turn: value(r) for r in theirs}
             for r in mine:
@@ -256,6 +256,12 @@ def _paired(arm: list[list[TurnRecord]], other: list[list[TurnRecord]], groups: 
                 if r.turn in probe_turns and a is not None and b is not None:
                     metric.update(c, r.turn, a - b, group=g)
                     seen = True
+                elif r.turn in probe_turns and (a is None) != (b is None):
+                    unpaired.add(r.turn)
+        if unpaired:  # one arm has the value, the other not: that conversation is out of this difference
+            print(f"persona_lit: warning: {prefix}/{name}: at turn(s) {', '.join(map(str, sorted(unpaired)))} some "
+                  f"conversations have it in one arm only and are left out of the paired difference (see its n)",
+                  flush=True)
         if seen:
             out[f"{prefix}/{name}"] = metric.compute()
     return out

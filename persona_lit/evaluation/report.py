@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from persona_lit.evaluation.conversation import TurnRecord  # noqa: E402
-from persona_lit.metrics.drift import holm  # noqa: E402
+from persona_lit.metrics.drift import detectable_difference, holm  # noqa: E402
 
 
 def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:
@@ -172,6 +172,7 @@ def versus_baseline(results: dict[str, Any]) -> list[str]:
               "| metric | turn | mechanism | 95% CI | baseline | 95% CI | difference | 95% CI | n | p | p (Holm) "
               "| verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines_after = detectable_line(results)
     for r in sorted(rows, key=lambda r: not r["headline"]):
         name, i, diff = r["name"], r["i"], r["m"]
         mech, base = metrics[name], metrics[f"{name}_baseline"]
@@ -180,7 +181,26 @@ def versus_baseline(results: dict[str, Any]) -> list[str]:
                      f"| {base['mean'][i]:.3f} | {interval_cell(base, i)} | {diff['mean'][i]:+.3f} "
                      f"| {interval_cell(diff, i)} | {_units(diff, i)} | {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} "
                      f"| {r['verdict']} |")
-    return lines + [""]
+    return lines + [""] + lines_after
+
+
+def detectable_line(results: dict[str, Any]) -> list[str]:
+    """report.md's statement of power: the smallest headline difference this run could detect, from the spread of
+    the personas' own paired differences (results.json by_persona)."""
+    head = results["run"].get("headline") or {}
+    name, turn = f"vs_baseline/{head.get('metric')}", head.get("turn")
+    values = []
+    for metrics in (results.get("by_persona") or {}).values():
+        m = metrics.get(name)
+        if m and turn in m["turn"]:
+            values.append(m["mean"][m["turn"].index(turn)])
+    if len(values) < 2:
+        return [f"Smallest detectable headline difference: not estimable from {len(values)} persona(s) (the unit is the "
+                "persona; evaluate several, e.g. personas=test_split pool.max_personas=32).", ""]
+    mde = detectable_difference(values)
+    what = "no spread among the personas' differences" if mde is None else f"±{mde:.3f}"
+    return [f"Smallest detectable headline difference ({head.get('metric')} at turn {turn}; two-sided 5% test, 80% "
+            f"power, from the spread of {len(values)} personas' paired differences): {what}.", ""]
 
 
 def bleed_versus_control(results: dict[str, Any]) -> list[str]:

@@ -137,6 +137,10 @@ class DriftSetup:
 def drift_setup(cfg: DictConfig, turns: MTBenchDataModule, chosen, device: torch.device) -> DriftSetup:
     """Load and place the model and its mechanism; the personas, capability exchanges and the runner."""
     probe_turns = sorted({int(t) for t in cfg.probe_turns if int(t) <= int(cfg.turns)})
+    beyond = sorted({int(t) for t in cfg.probe_turns if int(t) > int(cfg.turns)})
+    if beyond:  # the default list reaches further than most runs
+        print(f"persona_lit: probe turns {', '.join(map(str, beyond))} lie beyond turns={int(cfg.turns)}: not "
+              f"probed", flush=True)
     precision, dtype = resolve_precision(cfg.precision, device)
     backbone, model, mechanism, persona, config = _load(cfg, device)
     axis = projection_axis(cfg.get("projection_direction"), backbone.fingerprint, len(decoder_layers(model)),
@@ -198,6 +202,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
             result = by_persona[persona.key]
             for arm in (result.persona_arm, result.baseline_arm, result.control_arm, result.bleed_arm):
                 judge_arm(judge, persona.system_prompt, arm)
+    cut_at = cut_to_common_turn(by_persona)  # no later turn pools a different mix of conversations
     protocol = merge(list(by_persona.values()))
     last_turn = {key: {arm: [records[-1].turn for records in getattr(r, f"{arm}_arm")]
                        for arm in ("persona", "baseline", "control", "bleed") if getattr(r, f"{arm}_arm")}
@@ -208,12 +213,14 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
         print(f"persona_lit: conversations stopped at the context limit ({stopped[0]}); results.json "
               f"run.last_turn says where each stopped")
     results = {
-        "run": {"ckpt": str(cfg.ckpt), "model": backbone.name, "mechanism": mechanism.name,
+        "schema": RESULTS_SCHEMA,
+        "run": {"ckpt": str(cfg.ckpt), "commit": source_commit(), "model": backbone.name, "mechanism": mechanism.name,
                 "persona": ", ".join(p.name for p in personas), "personas": list(by_persona),
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens),
                 "device": device.type if shards else str(device), "devices": shards.world_size if shards else 1,
                 "precision": precision, "context_limit": runner.context_limit(), "last_turn": last_turn,
+                "cut_at": cut_at,
                 "capability_references": references_fingerprint(capability, int(cfg.capability_tokens)),
                 "headline": headline(cfg, probe_turns),
                 "protocol": protocol_info(cfg, protocol),
@@ -234,6 +241,44 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
     log_results(cfg, results, out_dir, "+".join(by_persona))
     print(f"persona_lit: evaluation written to {out_dir} (report.md, results.json, transcript.jsonl, *.png)")
     return out_dir
+
+
+def cut_to_common_turn(by_persona: dict[str, Any]) -> int | None:
+    """Where the context limit stopped some conversations (a batch stops whole, so a later turn would pool only the
+    conversations of the other batches, a different mix of personas): every arm of every conversation is cut to the
+    last turn all of them reached, said in one line. Returns that turn, None where nothing was cut."""
+    arms = [records for r in by_persona.values() for arm in (r.persona_arm, r.baseline_arm, r.control_arm,
+                                                             r.bleed_arm) for records in arm]
+    if not arms:
+        return None
+    common = min(records[-1].turn for records in arms)
+    if all(records[-1].turn == common for records in arms):
+        return None
+    for records in arms:
+        del records[common + 1 :]  # records[t] is turn t
+    print(f"persona_lit: warning: some conversations stopped at the context limit after turn {common}: every arm of "
+          f"every conversation is cut there (results.json run.cut_at), so no turn pools a different mix", flush=True)
+    return common
+
+
+RESULTS_SCHEMA = "persona_lit.results/2"  # 2: protocol, question_split, choice metrics, schema and commit recorded
+
+
+def source_commit() -> str | None:
+    """The git commit of the persona_lit checkout that ran (`+dirty` with uncommitted changes to tracked files),
+    None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def protocol_info(cfg: DictConfig, protocol) -> dict[str, Any]:

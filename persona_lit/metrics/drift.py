@@ -47,6 +47,22 @@ from torchmetrics.utilities import dim_zero_cat
 # Two-sided 95% Student-t critical values by degrees of freedom (1..30); 1.96 beyond.
 _T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+Z80 = 0.8416  # the normal 80% quantile: power 0.8 in detectable_difference
+
+
+def detectable_difference(values: Sequence[float]) -> float | None:
+    """The smallest mean paired difference a two-sided 5% test over these units (one paired difference each) detects
+    with 80% power: (t_0.975,n-1 + z_0.8) * sd / sqrt(n). None with fewer than two units or no spread."""
+    n = len(values)
+    if n < 2:
+        return None
+    if max(values) == min(values):
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return ((_T95[n - 2] if n - 1 <= len(_T95) else 1.96) + Z80) * sd / math.sqrt(n)
+
+
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # fixed: the same records always give the same interval
 INTERVAL_METHODS = ("bootstrap", "t")
