@@ -63,3 +63,16 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def write_json(path: str | os.PathLike, data: object) -> Path:
+    """`data` as indented JSON at `path` (its folder made), written to a temporary sibling and renamed: a reader
+    never sees half a file."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

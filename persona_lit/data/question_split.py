@@ -107,12 +107,9 @@ def split_from_config(cfg: Mapping[str, Any] | None, mt_bench_path: str | None) 
 
 
 def write_question_split(path: str | os.PathLike, s: QuestionSplit) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(s.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from persona_lit.outputs import write_json
+
+    return write_json(path, s.to_json())
 
 
 def read_question_split(path: str | os.PathLike, mt_bench_path: str | None) -> QuestionSplit:

@@ -139,12 +139,9 @@ def split(pool: Pool, seed: int, fractions: Sequence[float] | Mapping[str, float
 
 def write_split(path: str | os.PathLike, s: Split) -> Path:
     """The split as JSON (keys per part, seed, fractions, pool spec, pool hash, counts per source)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(s.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from persona_lit.outputs import write_json
+
+    return write_json(path, s.to_json())
 
 
 def read_split(path: str | os.PathLike, pool: Pool | None = None,
