@@ -185,7 +185,8 @@ def test_evaluate_bad_batch_and_capability_settings(tmp_path, override, facts):
 def test_evaluate_capability_without_reference_answers(tmp_path):
     questions = write_jsonl(tmp_path / "question.jsonl", ['{"question_id": 1, "category": "writing", "turns": ["Hi?"]}'])
     out_dir = tmp_path / "out"
-    proc = cli("evaluate.py", "model=tiny-llama", *EVAL, f"mt_bench_path={questions}", f"out_dir={out_dir}")
+    proc = cli("evaluate.py", "model=tiny-llama", *EVAL, f"mt_bench_path={questions}", "question_split.part=all",
+               f"out_dir={out_dir}")  # one question: too few for a split
     user_error(proc, "capability_exchanges=3", "reference_answer/gpt-4.jsonl", absent=out_dir)
 
 

@@ -220,14 +220,6 @@ EXPECTED = {
 
 # Every table of the README: the line that starts it -> the bundles that reproduce it ([] = no command: not measured).
 TABLES = {
-    "| at turn 32 (~3.8k history tokens) and 48 (~5.3k) |":
-        ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_long", "lyra_pool_smollm2_long",
-         "pool_repeat_smollm2_long", "pool_instaboost_smollm2_long", "pool_split_softmax_smollm2_long",
-         "lyra_longpool_smollm2_long", "lyra10_longpool_smollm2_long",
-         "lyra10_lora_pool_smollm2_long", "lyra10_lorahi_pool_smollm2_long", "lyra_pool_smollm2_bleed",
-         "lyra_longpool_smollm2_bleed", "lyra10_longpool_smollm2_bleed", "lyra10_lora_pool_smollm2_bleed",
-         "lyra10_lowlr_pool_smollm2_bleed", "pool_instaboost_smollm2_bleed", "pool_split_softmax_smollm2_bleed",
-         "lyra10_lorahi_pool_smollm2_bleed"],
     "| mechanism | what it does | trains |": [],
     "| turn (history tokens) | 0 (76) | 1 (305) | 4 (596) | 8 (1144) |":
         ["demo_lyra_smollm2", "demo_lyra_smollm2_eval"],
@@ -265,7 +257,8 @@ PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": 
          "- The lr-5e-5 run to turn 56": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_6k"]}
 # Bundles for README commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
-              "instaboost_smollm2", "split_softmax_smollm2"]
+              "instaboost_smollm2", "split_softmax_smollm2", "pool_split_softmax_smollm2_bleed",
+              "pool_instaboost_smollm2_bleed"]
 
 
 # --- composition ------------------------------------------------------------------------------------------------
