@@ -232,14 +232,8 @@ class ConversationRunner(Probing):
         """Appends one user turn per row (one text for all, or one each) and the model's answers; `reminder`: a
         system prompt re-inserted before the turn (see user_turn_ids), one for all rows or one each. `close=False`
         (a probe on a fork that is thrown away): the answers are not closed and the turn is not re-encoded.
-        `given`: each row's answer tokens, read teacher-forced instead of generated (protocol=replay)."""
-        return [self.chat.decode(a) for a in self.say_ids(conv, user_text, max_new_tokens, reminder, close, given)]
-
-    @torch.no_grad()
-    def say_ids(self, conv: Conversation, user_text: str | Sequence[str], max_new_tokens: int | None = None,
-                reminder: str | None | Sequence[str | None] = None, close: bool = True,
-                given: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
-        """say(), returning each row's answer tokens (without the end token)."""
+        `given`: each row's answer tokens, read teacher-forced instead of generated (protocol=replay). The answers'
+        tokens (without the end token) are left in conv.last_answer_ids."""
         if conv.tokens.shape[1] == 0:
             self._open(conv)
         if self.mechanism is not None:
@@ -252,7 +246,7 @@ class ConversationRunner(Probing):
             self._teacher_force(conv, given)
         conv.last_answer_ids = answers
         if not close:
-            return answers
+            return [self.chat.decode(a) for a in answers]
         conv.append([self.chat.close_assistant()] * conv.rows, self.chat.pad_id)  # fed later, or now if turn-bound
         if mark is not None:  # clean history: the finished turn is cached again, unsteered
             conv.cache = roll_back(conv.cache, mark)
@@ -260,7 +254,7 @@ class ConversationRunner(Probing):
                 self.forward_new(conv, logits_to_keep=1)
         elif self.mechanism is not None and self.mechanism.turn_bound:
             self.forward_new(conv, logits_to_keep=1)
-        return answers
+        return [self.chat.decode(a) for a in answers]
 
     def _teacher_force(self, conv: Conversation, given: Sequence[Sequence[int]]) -> list[list[int]]:
         """Each row's given answer read as if it had been generated: the prompt is fed, the mechanism told the
