@@ -49,11 +49,12 @@ def headline() -> str:
     plain system prompt (`none`, the baseline arm) and the control arm (no persona), the paired difference with
     its interval, the Holm-corrected p of every row but the declared headline; then the run's footing."""
     sys.path.insert(0, str(REPO))
-    from persona_lit.evaluation.report import _fmt_p, comparison_rows, interval_cell
+    from persona_lit.evaluation.report import _fmt_p, comparison_rows, interval_cell, turn0_effect
 
-    out = []
+    out, loaded = [], []
     for path in sorted((REPO / "results").glob("*.json")):
         res = json.loads(path.read_text())
+        loaded.append(res)
         run, metrics = res["run"], res["metrics"]
         head = run["headline"]
         rows = {(r["name"], r["turn"]): r for r in comparison_rows(res, "vs_baseline")}
@@ -81,9 +82,58 @@ def headline() -> str:
             cells = ", ".join(f"turn {t}: {v:.4f} {interval_cell(m, i)}" for i, (t, v) in
                               enumerate(zip(m["turn"], m["mean"])))
             out += ["", f"KL of `{run['mechanism']}` to `none` on the same history (replay), nats per token: {cells}."]
+        effect = turn0_effect(res)
+        if effect is not None:
+            d = effect["difference"]
+            total = len(effect["with_effect"]) + len(effect["without_effect"])
+            out += ["", f"Turn-0 effect: {len(effect['with_effect'])} of {total} personas score above the control arm "
+                    f"on {effect['metric']} at turn 0; the others have no persona effect to lose."
+                    + ("" if d is None or d["ci_low"] is None else
+                       f" Over the {d['n']} with one, the headline difference is {d['mean']:+.3f} "
+                       f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (t over personas).")]
         out += ["", f"Measured on {res['measured_on']} at commit `{str(run.get('commit'))[:12]}`: `{res['command']}` "
                 f"(`{path.relative_to(REPO)}`, report: `results/{path.stem}.md`).", ""]
+    out += protocol_agreement(loaded)
     return "\n".join(out) if out else "No committed results yet (`results/`).\n"
+
+
+def _headline_values(res: dict) -> dict[str, float]:
+    """Per persona: the declared headline's paired difference (mechanism minus baseline) at its turn."""
+    head = res["run"]["headline"]
+    out = {}
+    for key, metrics in (res.get("by_persona") or {}).items():
+        m = metrics.get(f"vs_baseline/{head['metric']}")
+        if m and head["turn"] in m["turn"]:
+            out[key] = m["mean"][m["turn"].index(head["turn"])]
+    return out
+
+
+def protocol_agreement(loaded: list[dict]) -> list[str]:
+    """For each mechanism measured under both protocols on the same model, personas and headline: how far the
+    free-running and replay views agree (the pooled headline difference under each, and over the personas both
+    measured, the correlation of their per-persona differences and the mean absolute gap)."""
+    lines = []
+    for free in (r for r in loaded if r["run"]["protocol"]["name"] == "free"):
+        for replay in (r for r in loaded if r["run"]["protocol"]["name"] == "replay"):
+            a, b = free["run"], replay["run"]
+            if (a["mechanism"], a["model"], a["headline"]) != (b["mechanism"], b["model"], b["headline"]):
+                continue
+            fa, fb = _headline_values(free), _headline_values(replay)
+            both = sorted(set(fa) & set(fb))
+            if len(both) < 3:
+                continue
+            x, y = [fa[k] for k in both], [fb[k] for k in both]
+            mx, my = sum(x) / len(x), sum(y) / len(y)
+            sx = sum((v - mx) ** 2 for v in x) ** 0.5
+            sy = sum((v - my) ** 2 for v in y) ** 0.5
+            r = "undefined (no spread)" if sx == 0 or sy == 0 else \
+                f"{sum((u - mx) * (v - my) for u, v in zip(x, y)) / (sx * sy):.2f}"
+            gap = sum(abs(u - v) for u, v in zip(x, y)) / len(both)
+            lines += [f"Free-running against replay, `{a['mechanism']}` ({a['headline']['metric']} at turn "
+                      f"{a['headline']['turn']}, mechanism minus baseline): {mx:+.3f} free, {my:+.3f} replay over the "
+                      f"{len(both)} personas both measured; per-persona correlation {r}, mean absolute gap "
+                      f"{gap:.3f} (`{free['name']}`, `{replay['name']}`).", ""]
+    return lines
 
 
 RENDERERS = {"eval_throughput": eval_throughput, "headline": headline}

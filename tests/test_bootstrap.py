@@ -151,3 +151,29 @@ def test_report_states_the_smallest_detectable_headline_difference():
     assert "6 personas" in line and "±" in line
     results["by_persona"] = {"p0": per(0.1)}
     assert "not estimable from 1 persona" in detectable_line(results)[0]
+
+
+def test_personas_without_a_turn0_effect_are_reported_apart():
+    from persona_lit.evaluation.report import turn0_effect, turn0_lines
+
+    def per(fresh, control, diff):
+        return {"adherence/choice_baseline": {"turn": [0, 8], "mean": [fresh, fresh]},
+                "adherence/choice_control": {"turn": [0, 8], "mean": [control, control]},
+                "vs_baseline/adherence/choice": {"turn": [0, 8], "mean": [0.0, diff]}}
+
+    results = {"run": {"mechanism": "repeat", "headline": {"metric": "adherence/choice", "turn": 8}},
+               "by_persona": {"a": per(1.0, 0.2, 0.1), "b": per(0.8, 0.2, 0.3), "c": per(0.2, 0.2, -0.9),
+                              "d": per(0.0, 0.4, -0.5)}}
+    effect = turn0_effect(results)
+    assert effect["with_effect"] == ["a", "b"] and effect["without_effect"] == ["c", "d"]
+    d = effect["difference"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(0.2) and d["ci_low"] < 0.2 < d["ci_high"]
+    text = "\n".join(turn0_lines(results))
+    assert "2 of 4 personas" in text and "c, d" in text and "+0.200" in text
+    # `none` is its own baseline: its fresh score is its own arm's
+    results["run"]["mechanism"] = "none"
+    results["by_persona"] = {"a": {"adherence/choice": {"turn": [0], "mean": [0.9]},
+                                   "adherence/choice_control": {"turn": [0], "mean": [0.1]}}}
+    assert turn0_effect(results)["with_effect"] == ["a"] and turn0_effect(results)["difference"] is None
+    results["by_persona"] = {"a": {"adherence/choice": {"turn": [0], "mean": [0.9]}}}  # no control arm
+    assert turn0_effect(results) is None and turn0_lines(results) == []

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from persona_lit.evaluation.conversation import TurnRecord  # noqa: E402
-from persona_lit.metrics.drift import detectable_difference, holm  # noqa: E402
+from persona_lit.metrics.drift import detectable_difference, holm, t_interval  # noqa: E402
 
 
 def write_transcripts(path: Path, arms: dict[str, list[list[TurnRecord]]]) -> None:
@@ -203,6 +203,58 @@ def detectable_line(results: dict[str, Any]) -> list[str]:
             f"power, from the spread of {len(values)} personas' paired differences): {what}.", ""]
 
 
+def _at(metrics: dict[str, Any], name: str, turn: int) -> float | None:
+    m = metrics.get(name)
+    return m["mean"][m["turn"].index(turn)] if m and turn in m["turn"] else None
+
+
+def turn0_effect(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Which personas the plain system prompt moved at all: a persona whose fresh score (turn 0, the persona as
+    system prompt, mechanism off: the baseline arm, or `none`'s own arm) on the headline metric is not above the
+    control arm's (no persona) at turn 0 has no persona effect to drift from, so its later drift means nothing.
+    Returns the metric, the personas with and without an effect, and the headline difference (mechanism minus
+    baseline at the headline turn) over the personas with one: mean and 95% t-interval over persona values.
+    None without by_persona, a control arm or a turn 0."""
+    head = results["run"].get("headline") or {}
+    name, turn = head.get("metric"), head.get("turn")
+    fresh_name = name if results["run"].get("mechanism") == "none" else f"{name}_baseline"
+    kept, apart, diffs = [], [], []
+    for key, metrics in (results.get("by_persona") or {}).items():
+        fresh, control = _at(metrics, fresh_name, 0), _at(metrics, f"{name}_control", 0)
+        if fresh is None or control is None:
+            return None
+        if fresh > control:
+            kept.append(key)
+            d = _at(metrics, f"vs_baseline/{name}", turn)
+            if d is not None:
+                diffs.append(d)
+        else:
+            apart.append(key)
+    if not kept and not apart:
+        return None
+    mean, low, high = t_interval(diffs) if diffs else (None, None, None)
+    return {"metric": name, "turn": turn, "with_effect": kept, "without_effect": apart,
+            "difference": {"mean": mean, "ci_low": low, "ci_high": high, "n": len(diffs)} if diffs else None}
+
+
+def turn0_lines(results: dict[str, Any]) -> list[str]:
+    """report.md: the personas set apart for having no turn-0 effect, and the headline without them."""
+    effect = turn0_effect(results)
+    if effect is None:
+        return []
+    lines = ["## Personas without a turn-0 effect", "",
+             f"At turn 0 (the persona alone), {len(effect['with_effect'])} of "
+             f"{len(effect['with_effect']) + len(effect['without_effect'])} personas score above the control arm (no "
+             f"persona) on {effect['metric']}; the others have no persona effect to lose, so their drift means "
+             "nothing" + (f": {', '.join(effect['without_effect'])}." if effect["without_effect"] else ".")]
+    d = effect["difference"]
+    if d is not None:
+        ci = "n=1: no interval" if d["ci_low"] is None else f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        lines.append(f"The headline difference (mechanism minus baseline at turn {effect['turn']}) over the "
+                     f"{d['n']} personas with an effect: {d['mean']:+.3f}, 95% t-interval over personas {ci}.")
+    return lines + [""]
+
+
 def bleed_versus_control(results: dict[str, Any]) -> list[str]:
     """With a bleed arm: does the mechanism, given no persona, invent one (adherence above the control arm's)
     or cost capability (KL to base above the control arm's)?"""
@@ -255,6 +307,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
              "no persona, base model." + (" Bleed arm: the same turns, no persona, mechanism on."
                                           if any(n.endswith("_bleed") for n in results["metrics"]) else ""), ""]
     lines += versus_baseline(results)
+    lines += turn0_lines(results)
     lines += bleed_versus_control(results)
     for name, m in results["metrics"].items():
         lines += [f"## {name}", "", "| turn | history tokens | s/turn | mean | 95% CI | n |",
