@@ -57,7 +57,25 @@ def plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def attach_mechanism(backbone: Backbone, mechanism_cfg: Any) -> tuple[Any, Mechanism]:
+# The option that makes a mechanism's own tensors train. Left null it means "yes" in train.py (which writes the
+# resolved value into the checkpoint's config) and "no" everywhere else (evaluate.py mechanism=lyra without ckpt is
+# frozen Lyra).
+TRAIN_SWITCH = {"lyra": "train_layers", "steer": "train_vector"}
+
+
+def resolve_train_switch(mechanism_cfg: Any, training: bool) -> Any:
+    """mechanism_cfg with its TRAIN_SWITCH option set where it is null: `training` (train.py) or False."""
+    key = TRAIN_SWITCH.get(str(mechanism_cfg.get("name")))
+    options = mechanism_cfg.get("options")
+    if key is None or options is None or options.get(key, False) is not None:
+        return mechanism_cfg
+    resolved = OmegaConf.create(plain(mechanism_cfg))
+    resolved.options[key] = bool(training)
+    return resolved
+
+
+def attach_mechanism(backbone: Backbone, mechanism_cfg: Any, training: bool = False) -> tuple[Any, Mechanism]:
+    mechanism_cfg = resolve_train_switch(mechanism_cfg, training)
     mechanism = build_mechanism(mechanism_cfg.name, **(plain(mechanism_cfg.get("options")) or {}))
     return mechanism.attach(backbone.model), mechanism
 

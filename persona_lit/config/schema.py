@@ -35,6 +35,7 @@ RULES = {
     "mechanism.options.weights": "list[float]?",
     "mechanism.options.control": "str? {random}", "mechanism.options.exponent": "> 0",
     "mechanism.options.every": ">= 0",
+    "mechanism.options.train_layers": "bool?", "mechanism.options.train_vector": "bool?",
     "logger.kind": "{wandb,csv,none}", "logger.entity": "str?",
     # train.yaml
     "ckpt_path": "str?", "callbacks": "dict?", "module.kl_weight": ">= 0", "module.distill_weight": ">= 0",

@@ -54,9 +54,6 @@ class PersonaLitModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def has_trainable(self) -> bool:
-        return any(True for _ in self.mechanism.trainable_parameters())
-
     def _extra(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         extra = {"segment_ids": batch["segment_ids"]} if self.mechanism.uses_segments else {}
         if self.mechanism.uses_assistant_mask:  # the tokens the loss is on: the assistant's answers
@@ -85,11 +82,7 @@ class PersonaLitModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if not self.has_trainable():  # mechanism=none: log the loss curve, step nothing
-            with torch.no_grad():
-                self._loss(batch, "train")
-            return None
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._loss(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -119,9 +112,7 @@ class PersonaLitModule(L.LightningModule):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def configure_optimizers(self) -> Any:
-        params = list(self.mechanism.trainable_parameters())
-        if not params:
-            return None
+        params = list(self.mechanism.trainable_parameters())  # train.py refuses a mechanism without any
         master_weights_fp32(params)
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:

@@ -6,14 +6,13 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from persona_lit.models.backbones import load_backbone
-from persona_lit.build import attach_mechanism, plain, resolve_persona, run_config
+from persona_lit.build import attach_mechanism, plain, resolve_persona, resolve_train_switch, run_config
 from persona_lit.training.callbacks import DriftCallback, ExportCheckpoint, StopOnNonFiniteLoss, ThroughputMonitor
 from persona_lit.training.checkpoint import AtomicCheckpointIO
 from persona_lit.errors import UserError
@@ -29,21 +28,6 @@ def _resume_path(ckpt_path: str | None) -> str | None:
     return ckpt_path
 
 
-def _processes(trainer_cfg: DictConfig) -> int:
-    """How many training processes the trainer config asks for (devices x num_nodes), before any is launched."""
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        count = len(devices)
-    elif isinstance(devices, int) and devices > 0:
-        count = devices
-    else:  # auto / -1: every device of the accelerator (one process on the CPU)
-        gpu = str(trainer_cfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
-        count = max(1, torch.cuda.device_count()) if gpu and torch.cuda.is_available() else 1
-    return count * nodes
-
-
 def train(cfg: DictConfig) -> Path:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     logger = None
@@ -51,8 +35,13 @@ def train(cfg: DictConfig) -> Path:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         resume = _resume_path(cfg.ckpt_path)
         persona = resolve_persona(cfg.persona)
+        cfg.mechanism = resolve_train_switch(cfg.mechanism, training=True)  # the checkpoint says what trained
         backbone = load_backbone(cfg.model)
         model, mechanism = attach_mechanism(backbone, cfg.mechanism)
+        if not any(True for _ in mechanism.trainable_parameters()):
+            raise UserError(f"train.py: mechanism={mechanism.name} has nothing to train (allowed: lora, lyra, "
+                            f"triplet, steer; {mechanism.name} runs as it is: python evaluate.py "
+                            f"mechanism={mechanism.name})")
         datamodule = instantiate(cfg.data, chat=backbone.chat, persona=persona)
         if hasattr(datamodule, "bind_model"):  # data answered by the base model itself (data=contrastive)
             datamodule.bind_model(model, mechanism.disabled)
@@ -80,11 +69,6 @@ def train(cfg: DictConfig) -> Path:
         logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
                              tags=[backbone.name, persona.key, mechanism.name], group=mechanism.name)
         atomic = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # last.ckpt: tmp + rename
-        processes = _processes(cfg.trainer)
-        if processes > 1 and not module.has_trainable():
-            raise UserError(f"trainer: mechanism={mechanism.name} has nothing to train, and {processes} processes "
-                            f"have no gradients to share (allowed: its loss curve on one process, trainer=cpu; "
-                            f"evaluate.py devices=N splits its evaluation)")
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **atomic)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
