@@ -20,7 +20,7 @@ def test_smollm2_train_then_evaluate_from_the_checkpoint_alone(tmp_path):
     ckpt = tmp_path / "train/checkpoints/final.safetensors"
     assert ckpt.stat().st_size < 20e6  # adapter only: a few MB, not the 540 MB base
     metrics = (tmp_path / "train/csv/metrics.csv").read_text()
-    assert "train/loss" in metrics and "train/tokens_per_s" in metrics and "train/peak_mem_mb" in metrics
+    assert "train/loss" in metrics and "train/device/items_per_sec" in metrics and "train/peak_mem_mb" in metrics
     ev = run_cli("evaluate.py", f"ckpt={tmp_path}/train", "turns=2", "conversations=1", "probe_turns=[0,2]",
                  "probe_kinds=[name]", "max_new_tokens=12", "probe_max_new_tokens=12", "logger=csv",
                  f"out_dir={tmp_path}/eval")

@@ -2,6 +2,8 @@
 with nothing to train stops with one line (exit 2) and leaves no run directory. Lyra's chosen layers train in
 train.py (train_layers: null) while evaluate.py without a checkpoint runs frozen Lyra."""
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -54,3 +56,15 @@ def test_lyra_trains_in_train_py_and_is_frozen_in_evaluate(backbone_factory):
     assert not list(frozen.trainable_parameters())
     _, trained = attach_mechanism(backbone_factory("tiny-llama"), cfg, training=True)
     assert list(trained.trainable_parameters())
+
+
+def test_a_logged_run_records_lr_and_throughput_and_a_log_file_gets_progress_lines(tmp_path):
+    args = [a for a in TINY if a != "logger=none"]
+    run = run_cli("train.py", "mechanism=lora", *args, "logger=csv", f"hydra.run.dir={tmp_path}/run", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    header = (tmp_path / "run/csv/metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lr-AdamW", "train/device/items_per_sec", "train/device/samples_per_sec", "train/peak_mem_mb",
+            "train/loss"} <= set(header)
+    # stderr is a pipe here, as under nohup: the last step gets a line a log file keeps
+    assert re.search(r"persona_lit: step 2/2, loss \d+\.\d+, [\d.]+ s/step, \d+ tokens/s, 0m00s left", run.stderr), \
+        run.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Lightning callbacks: throughput and memory per step, a stop at a non-finite loss, the final safetensors export."""
+"""Lightning callbacks: memory per step, progress lines for log files, throughput, a stop at a non-finite loss, the final safetensors export."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 
 from persona_lit.training.checkpoint import FINAL_NAME, save_checkpoint, trainable_state
 from persona_lit.errors import UserError
@@ -27,17 +28,58 @@ def peak_memory_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # macOS reports bytes, Linux KiB
 
 
-class ThroughputMonitor(L.Callback):
-    """Logs train/tokens_per_s (real, unpadded tokens) and train/peak_mem_mb every step."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch: dict[str, Any], batch_idx: int) -> None:
-        self._start = time.perf_counter()
+class PeakMemory(L.Callback):
+    """Logs train/peak_mem_mb every step (tokens per second: Lightning's ThroughputMonitor, see throughput())."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: dict[str, Any], batch_idx: int) -> None:
-        seconds = time.perf_counter() - self._start
-        tokens = int(batch["attention_mask"].sum())
-        pl_module.log("train/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=batch["input_ids"].shape[0])
         pl_module.log("train/peak_mem_mb", peak_memory_mb(), batch_size=batch["input_ids"].shape[0])
+
+
+def _rows(batch: dict[str, Any]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    return int(batch["attention_mask"].sum())  # real, unpadded tokens
+
+
+def throughput(window: int = 2) -> ThroughputMonitor:
+    """Lightning's ThroughputMonitor on our batches: train/device/items_per_sec is real (unpadded) tokens per
+    second, train/device/samples_per_sec conversations per second, over the last `window` steps."""
+    return ThroughputMonitor(batch_size_fn=_rows, length_fn=_tokens, window_size=window)
+
+
+class LogProgress(L.Callback):
+    """Where stderr is not a terminal (nohup, a batch job), the progress bar leaves nothing a log file keeps: every
+    `every_s` seconds, and at the last step, one line: step, loss, seconds per step, tokens per second, time
+    left."""
+
+    def __init__(self, every_s: float = 30.0, stream: Any = None):
+        self.every_s, self.stream = float(every_s), stream
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = self._last = time.perf_counter()
+        self._step0, self._tokens = trainer.global_step, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+        self._tokens += _tokens(batch)
+        now, step, total = time.perf_counter(), trainer.global_step, trainer.max_steps
+        if now - self._last < self.every_s and step != total:
+            return
+        self._last = now
+        done = max(step - self._step0, 1)
+        per_step = (now - self._t0) / done
+        loss = trainer.callback_metrics.get("train/loss")
+        left = f", {_clock(per_step * (total - step))} left" if total and total > 0 else ""
+        print(f"persona_lit: step {step}/{total if total and total > 0 else '?'}"
+              + (f", loss {float(loss):.4f}" if loss is not None else "")
+              + f", {per_step:.2f} s/step, {self._tokens / max(now - self._t0, 1e-9):.0f} tokens/s{left}",
+              file=self.stream or sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class StopOnNonFiniteLoss(L.Callback):

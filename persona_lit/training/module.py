@@ -38,6 +38,8 @@ class PersonaLitModule(L.LightningModule):
     """`optimizer` and `scheduler` are partials from config (`_partial_: true`); the module supplies
     the parameters and the number of steps. `run_config` travels inside every checkpoint."""
 
+    flops_per_batch = None  # Lightning's ThroughputMonitor: FLOPs are not counted (tokens and samples are)
+
     def __init__(self, model: nn.Module, mechanism: Mechanism, optimizer: Callable, scheduler: Callable | None = None,
                  kl_weight: float = 0.0, run_config: dict[str, Any] | None = None, fingerprint: str = "",
                  distill_weight: float = 0.0, pad_id: int = 0, reopen: tuple[int, ...] = (),

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
 from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism, plain, resolve_persona, resolve_train_switch, run_config
-from persona_lit.training.callbacks import DriftCallback, ExportCheckpoint, StopOnNonFiniteLoss, ThroughputMonitor
+from persona_lit.training.callbacks import (DriftCallback, ExportCheckpoint, LogProgress, PeakMemory,
+                                           StopOnNonFiniteLoss, throughput)
 from persona_lit.training.checkpoint import AtomicCheckpointIO
 from persona_lit.errors import UserError
 from persona_lit.training.loggers import make_logger
@@ -58,7 +60,9 @@ def train(cfg: DictConfig) -> Path:
         callbacks = [
             ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                             every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
-            ThroughputMonitor(),
+            throughput(),
+            PeakMemory(),
+            *([] if sys.stderr.isatty() else [LogProgress()]),
             StopOnNonFiniteLoss(),
             ExportCheckpoint(str(ckpt_dir)),
             *([DriftCallback(backbone.chat, persona, **plain(cfg.drift),
@@ -68,6 +72,8 @@ def train(cfg: DictConfig) -> Path:
         ]
         logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
                              tags=[backbone.name, persona.key, mechanism.name], group=mechanism.name)
+        if logger:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         atomic = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # last.ckpt: tmp + rename
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir), **atomic)
         try:
