@@ -13,6 +13,7 @@ import pytest
 
 from persona_lit.config.check import addable, check_cli, schema_of
 from persona_lit.errors import UserError
+from tests.documentation import pages
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -177,7 +178,7 @@ def _commands(text: str) -> list[str]:
 
 
 def _documented() -> list[tuple[str, list[str]]]:
-    texts = re.findall(r"```(?:bash|sh)?\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    texts = [b for page in pages().values() for b in re.findall(r"```(?:bash|sh)?\n(.*?)```", page, re.S)]
     for path in sorted((CONF / "task").glob("*.yaml")):  # `#   python evaluate.py ...` comment lines
         texts.append("\n".join(l.lstrip("#").strip() for l in path.read_text().splitlines() if l.startswith("#")))
     demo = (REPO / "scripts" / "demo.sh").read_text()
@@ -193,7 +194,7 @@ def _documented() -> list[tuple[str, list[str]]]:
 
 
 def test_documented_overrides_pass():
-    """The commands in README.md's code blocks, conf/task/*.yaml comments and scripts/demo.sh."""
+    """The commands in the code blocks of README.md and docs/*.md, conf/task/*.yaml comments and scripts/demo.sh."""
     documented = _documented()
     assert len(documented) >= 15, documented
     for config, args in documented:

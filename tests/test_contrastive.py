@@ -105,7 +105,8 @@ def test_damaged_cache_is_an_error(backbone_factory, tmp_path):
 
 @needs_axis
 def test_train_pos_and_neg_then_weight_diff(tmp_path):
-    """The README path on tiny-gemma3: two adapters from one cache, then ΔW from their PEFT directories."""
+    """The weight-steering path of docs/steering.md on tiny-gemma3: two adapters from one cache, then ΔW from their
+    PEFT directories."""
     common = ["train.py", "mechanism=lora", "model=tiny-gemma3", "data=contrastive", "data.trait=optimistic",
               "data.questions=4", "data.instructions=1", "data.max_new_tokens=6", f"data.cache_dir={tmp_path / 'c'}",
               "trainer.max_steps=2", "logger=none", "mechanism.options.r=2"]

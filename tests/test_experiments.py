@@ -1,7 +1,7 @@
-"""conf/experiment/ bundles (issue 12): each composes with its entry point to exactly the config of the README
-command it reproduces, passes the config check, is refused in one line by the other entry point, and every README
-table that has a command has its bundles and an `or: python ... experiment=...` line beside it. Composition only:
-nothing loads a model."""
+"""conf/experiment/ bundles: each composes with its entry point to exactly the config of the documented command it
+reproduces (README.md or a page of docs/: tests/documentation.py), passes the config check, is refused in one line by
+the other entry point, and every documented table that has a command has its bundles and an
+`or: python ... experiment=...` line beside it, on the same page. Composition only: nothing loads a model."""
 
 import re
 import shlex
@@ -15,11 +15,13 @@ from omegaconf import OmegaConf
 from persona_lit.config.check import check_cli
 from persona_lit.config.overrides import bundle_entries
 from persona_lit.errors import UserError
+from tests.documentation import hand_kept, pages, text
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
-README = (REPO / "README.md").read_text()
-FLAT = re.sub(r"\s+", " ", README)  # prose commands wrap across lines
+PAGES = pages()  # README.md and docs/*.md
+DOCS = text()
+FLAT = re.sub(r"\s+", " ", DOCS)  # prose commands wrap across lines
 BUNDLES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
@@ -29,28 +31,28 @@ def entry(name: str) -> str:
     return entries[0]
 
 
-# --- the README commands, as overrides --------------------------------------------------------------------------
+# --- the documented commands, as overrides --------------------------------------------------------------------------
 
 def code_command(marker: str) -> list[str]:
-    """The overrides of the one README code-block command (continuations joined) that contains `marker`."""
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", README, re.S)
+    """The overrides of the one documented code-block command (continuations joined) that contains `marker`."""
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", DOCS, re.S)
     lines = [l for b in blocks for l in re.sub(r"\s*\\\n\s*", " ", b).splitlines()
              if re.search(r"(train|evaluate)\.py", l) and marker in l]
-    assert len(lines) == 1, f"README: {len(lines)} code commands contain {marker!r}"
+    assert len(lines) == 1, f"README.md + docs/: {len(lines)} code commands contain {marker!r}"
     args = shlex.split(lines[0], comments=True)
     return args[next(i for i, a in enumerate(args) if a.endswith(".py")) + 1:]
 
 
 def prose(*fragments: str) -> None:
-    """A prose command's pieces are still in the README as written (whitespace-normalised)."""
+    """A prose command's pieces are still in the documentation as written (whitespace-normalised)."""
     for fragment in fragments:
-        assert fragment in FLAT, f"README no longer says {fragment!r}: update the bundle and this test"
+        assert fragment in FLAT, f"README.md + docs/ no longer say {fragment!r}: update the bundle and this test"
 
 
 def span_command(start: str) -> list[str]:
-    """The overrides of a backticked `python <script>.py ...` span of the README that starts with `start`."""
+    """The overrides of a backticked `python <script>.py ...` span of the documentation that starts with `start`."""
     spans = [s for s in re.findall(r"`(python \w+\.py [^`]*)`", FLAT) if s.startswith(start)]
-    assert len(spans) == 1, f"README: {len(spans)} spans start with {start!r}"
+    assert len(spans) == 1, f"README.md + docs/: {len(spans)} spans start with {start!r}"
     return shlex.split(spans[0])[2:]
 
 
@@ -69,9 +71,11 @@ def demo_commands() -> dict[str, list[str]]:
 
 
 def drift_table(*extra: str) -> list[str]:
-    """The "Measured drift" protocol: its command span, the persona it names, and the row's own overrides."""
-    prose("with `mechanism=none|lyra` (or `ckpt=` a training run; `control=false` except for `none`; with today's "
-          "code also `baseline=false`", "persona `pirate_mentor` (Captain Marlowe Quill)")
+    """The 40-turn one-persona protocol (docs/experiments.md): its command span, the persona it names, and the row's
+    own overrides."""
+    prose("with `mechanism=none|lyra` (or `ckpt=` a training run; `control=false` and `baseline=false` except for "
+          "`none`; the window row adds `mechanism.options.history_window=256`)",
+          "persona `pirate_mentor` (Captain Marlowe Quill)")
     return span_command("python evaluate.py turns=40") + ["persona=pirate_mentor", *extra]
 
 
@@ -88,7 +92,7 @@ def steer_history(history: str, baseline: str) -> list[str]:
     prose("role-pirate direction, α 0.3 at block 15, persona prompt kept, 2 conversations, `turns=20 "
           "\"probe_turns=[0,1,10,20]\" \"probe_kinds=[name]\" capability_exchanges=2 capability_tokens=32 "
           "control=false`, `baseline=true` for the first")
-    shown = code_command("mechanism.options.history=clean")  # the README's steer command (history=clean)
+    shown = code_command("mechanism.options.history=clean")  # the documented steer command (history=clean)
     return [a for a in shown if not a.startswith("mechanism.options.history=")] + [
         f"mechanism.options.history={history}", "conversations=2", "probe_turns=[0,1,10,20]", "probe_kinds=[name]",
         "capability_exchanges=2", "capability_tokens=32", "control=false", f"baseline={baseline}"]
@@ -109,7 +113,7 @@ def out(name: str) -> str:
     return f"out_dir=outputs/eval/{name}"
 
 
-# bundle -> the README command it reproduces (as overrides), plus the fixed paths that replace the README's
+# bundle -> the documented command it reproduces (as overrides), plus the fixed paths that replace the documented
 # <run> placeholders and timestamped defaults (the chain: a later bundle reads an earlier bundle's output).
 EXPECTED = {
     "demo_lyra_smollm2": lambda: demo_commands()["train"],
@@ -136,7 +140,7 @@ EXPECTED = {
     "steer_history_steered_smollm2": lambda: steer_history("steered", "true") + [out("steer_history_steered_smollm2")],
     "steer_history_clean_smollm2": lambda: steer_history("clean", "false") + [out("steer_history_clean_smollm2")],
     "persistence_smollm2": lambda: code_command("task=persistence model=smollm2-135m-instruct"),
-    # README "Training on the pool": its commands and measured table
+    # docs/experiments.md "Training on the persona pool": its commands and measured tables
     "pool_none_smollm2": lambda: code_command("evaluate.py personas=test_split pool.max_personas=4") + [out("pool_none_smollm2")],
     "pool_repeat_smollm2": lambda: code_command('turns=12 "probe_turns=[0,1,4,8,12]" conversations=2 '
                                                 "control=false") + [out("pool_repeat_smollm2")],
@@ -218,7 +222,8 @@ EXPECTED = {
        for m in ("repeat", "instaboost", "split_softmax")},
 }
 
-# Every table of the README: the line that starts it -> the bundles that reproduce it ([] = no command: not measured).
+# Every hand-kept table of README.md and docs/: the line that starts it -> the bundles that reproduce it ([] = no
+# command: not measured).
 TABLES = {
     "| mechanism | what it does | trains |": [],
     "| turn (history tokens) | 0 (76) | 1 (305) | 4 (596) | 8 (1144) |":
@@ -248,14 +253,14 @@ TABLES = {
          "lyra10_lowlr_pool_smollm2_long", "lyra10_lorahi_pool_smollm2", "lyra10_lorahi_pool_smollm2_long"],
 }
 # Measured figures in prose (no table) that have a command.
-PROSE = {"Measured 2026-11-30 with that command (7 min on 2 shared CPU cores)": ["directions_smollm2"],
-         "- Its bleed arm, measured 2026-12-01": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"],
+PROSE = {"Measured with the directions command of": ["directions_smollm2"],
+         "- Its bleed arm (no persona, Lyra on": ["lyra_longpool_smollm2", "lyra_longpool_smollm2_bleed"],
          "- The 10-layer Lyra's bleed arm": ["lyra10_longpool_smollm2", "lyra10_longpool_smollm2_bleed"],
          "- The LoRA's bleed arm": ["lyra10_lora_pool_smollm2", "lyra10_lora_pool_smollm2_bleed"],
          "- The lr-1e-3 LoRA's bleed arm": ["lyra10_lorahi_pool_smollm2", "lyra10_lorahi_pool_smollm2_bleed"],
          "- The lr-5e-5 run's bleed arm": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_bleed"],
          "- The lr-5e-5 run to turn 56": ["lyra10_lowlr_pool_smollm2", "lyra10_lowlr_pool_smollm2_6k"]}
-# Bundles for README commands that have no measured table yet.
+# Bundles for documented commands that have no measured table yet.
 UNMEASURED = ["pool_none_smollm2", "repeat_smollm2",
               "instaboost_smollm2", "split_softmax_smollm2", "pool_split_softmax_smollm2_bleed",
               "pool_instaboost_smollm2_bleed"]
@@ -281,11 +286,11 @@ def diff(a, b, prefix=""):
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b), key=str)
                 for d in diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")]
-    return [] if a == b and type(a) is type(b) else [f"{prefix[:-1]}: README {b!r}, bundle {a!r}"]
+    return [] if a == b and type(a) is type(b) else [f"{prefix[:-1]}: documented {b!r}, bundle {a!r}"]
 
 
 def test_every_bundle_is_mapped_and_declared():
-    assert sorted(EXPECTED) == BUNDLES, "a bundle without its README command in EXPECTED, or the reverse"
+    assert sorted(EXPECTED) == BUNDLES, "a bundle without its documented command in EXPECTED, or the reverse"
     mapped = {b for bundles in [*TABLES.values(), *PROSE.values()] for b in bundles} | set(UNMEASURED)
     assert mapped == set(BUNDLES)
     for name in BUNDLES:
@@ -294,21 +299,21 @@ def test_every_bundle_is_mapped_and_declared():
         assert lines[1] in ("# entry: train", "# entry: evaluate"), name
         header = "\n".join(l for l in lines if l.startswith("#"))
         assert f"python {entry(name)}.py experiment={name}" in header, f"{name}: its comment gives its command"
-        assert "README" in header, f"{name}: its comment names the README table it gives"
+        assert "README" in header or "docs/" in header, f"{name}: its comment names the documented table it gives"
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-def test_bundle_equals_its_readme_command(name):
+def test_bundle_equals_its_documented_command(name):
     """The config check accepts both (it types the bundle's keys like command-line values) and returns what Hydra
     composes: the same config, group choices and run directory."""
-    config, readme = entry(name), EXPECTED[name]()
+    config, documented = entry(name), EXPECTED[name]()
     bundle_cfg = checked(name)
-    readme_cfg = check_cli(readme, config)
+    documented_cfg = check_cli(documented, config)
     assert bundle_cfg.hydra.runtime.choices.experiment == name
-    assert choices(bundle_cfg) == choices(readme_cfg), readme
-    differences = diff(user_part(bundle_cfg), user_part(readme_cfg))
-    assert not differences, f"{config}.py {' '.join(readme)}: {differences}"
-    assert bundle_cfg.hydra.run.dir == readme_cfg.hydra.run.dir
+    assert choices(bundle_cfg) == choices(documented_cfg), documented
+    differences = diff(user_part(bundle_cfg), user_part(documented_cfg))
+    assert not differences, f"{config}.py {' '.join(documented)}: {differences}"
+    assert bundle_cfg.hydra.run.dir == documented_cfg.hydra.run.dir
 
 
 def test_chains_read_what_earlier_bundles_write():
@@ -410,24 +415,29 @@ def test_a_bundle_may_add_keys_where_the_command_line_may(conf_copy):
     assert cfg.callbacks.swa.swa_lrs == 0.01
 
 
-def test_every_readme_table_has_its_bundles_beside_it():
-    """Each README table is in TABLES; one with bundles has an `or: python ... experiment=...` line within its
-    section naming each bundle with its entry point; every such line names real bundles of the right entry."""
-    starts = [m.start() for m in re.finditer(r"(?m)^\|.*\n(?=\|[-|]+\|\n)", README)]
-    assert len(starts) == len(TABLES), "a README table not in TABLES: map it to its bundles (or to [])"
-    or_lines = [(m.start(), m[0]) for m in re.finditer(r"(?m)^or: .*$", README)]
-    for line_start, line in or_lines:
+def test_every_documented_table_has_its_bundles_beside_it():
+    """Each hand-kept table of README.md and docs/ is in TABLES (the generated blocks are tests/test_tables.py's);
+    one with bundles has an `or: python ... experiment=...` line within its section of the same page naming each
+    bundle with its entry point; every such line names real bundles of the right entry."""
+    tables = {path: [m.start() for m in re.finditer(r"(?m)^\|.*\n(?=\|[-|]+\|\n)", hand_kept(page))]
+              for path, page in PAGES.items()}
+    assert sum(map(len, tables.values())) == len(TABLES), \
+        f"a table not in TABLES ({ {p: len(s) for p, s in tables.items() if s} }): map it to its bundles (or to [])"
+    or_lines = {path: [(m.start(), m[0]) for m in re.finditer(r"(?m)^or: .*$", page)] for path, page in PAGES.items()}
+    for path, line_start, line in ((p, s, l) for p, lines in or_lines.items() for s, l in lines):
         named = re.findall(r"python (train|evaluate)\.py experiment=(\w+)", line)
         listed = re.findall(r"`(\w+)`", line) if "experiment=X" in line else []
-        assert named or listed, line
+        assert named or listed, f"{path}: {line}"
         for script, name in (n for n in named if n[1] != "X"):
-            assert name in BUNDLES and entry(name) == script, f"README: {line}"
+            assert name in BUNDLES and entry(name) == script, f"{path}: {line}"
         for name in listed:
-            assert name in BUNDLES, f"README: {line}"
+            assert name in BUNDLES, f"{path}: {line}"
     for marker, bundles in [*TABLES.items(), *PROSE.items()]:
-        assert README.count(marker) == 1, marker
-        at = README.index(marker)
-        near = " ".join(l for s, l in or_lines if abs(s - at) < 1500)
+        holders = [path for path, page in PAGES.items() if marker in page]
+        assert len(holders) == 1 and PAGES[holders[0]].count(marker) == 1, (marker, holders)
+        path = holders[0]
+        at = PAGES[path].index(marker)
+        near = " ".join(l for s, l in or_lines[path] if abs(s - at) < 1500)
         for name in bundles:
             assert f"experiment={name}" in near or f"`{name}`" in near, \
-                f"README: no `or:` line near {marker.strip()!r} names {name}"
+                f"{path}: no `or:` line near {marker.strip()!r} names {name}"

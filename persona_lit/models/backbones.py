@@ -67,7 +67,7 @@ def _gguf_path(package: str) -> Path:
     if package not in GGUF_PACKAGES:
         raise UserError(f"unknown model.gguf_package {package!r}; allowed: {', '.join(GGUF_PACKAGES)}")
     if importlib.util.find_spec(package) is None:
-        raise UserError(f"model.gguf_package {package!r} is not installed; run `make install` (see README)")
+        raise UserError(f"model.gguf_package {package!r} is not installed; run `make install` (see docs/install.md)")
     return GGUF_PACKAGES[package]()
 
 
