@@ -87,7 +87,9 @@ def headline() -> str:
             d = effect["difference"]
             total = len(effect["with_effect"]) + len(effect["without_effect"])
             out += ["", f"Turn-0 effect: {len(effect['with_effect'])} of {total} personas score above the control arm "
-                    f"on {effect['metric']} at turn 0; the others have no persona effect to lose."
+                    f"on {effect['metric']} at turn 0"
+                    + (f"; the other {len(effect['without_effect'])} have no persona effect to lose "
+                       f"({', '.join(effect['without_effect'])})." if effect["without_effect"] else ".")
                     + ("" if d is None or d["ci_low"] is None else
                        f" Over the {d['n']} with one, the headline difference is {d['mean']:+.3f} "
                        f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (t over personas).")]

@@ -283,7 +283,13 @@ def test_signature_defaults_are_the_yaml_defaults():
     from persona_lit.mechanisms.steer import SteerMechanism
 
     signature = inspect.signature(SteerMechanism.__init__).parameters
-    yaml = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "mechanism" / "steer.yaml").options)
+    from persona_lit.build import resolve_train_switch
+
+    # the yaml's null train_vector is resolved by build.py (true in train.py, false elsewhere); outside
+    # training it resolves to the signature's default
+    yaml_cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "steer.yaml")
+    assert yaml_cfg.options.train_vector is None
+    yaml = OmegaConf.to_container(resolve_train_switch(yaml_cfg, training=False).options)
     assert {k: p.default for k, p in signature.items() if k != "self"} == yaml
 
 

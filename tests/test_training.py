@@ -82,6 +82,6 @@ def test_drift_callback_logs_curves_during_training(tmp_path):
                   "drift.turns=2", "drift.probe_turns=[0,2]", "drift.max_new_tokens=4", f"hydra.run.dir={tmp_path}")
     assert run.returncode == 0, run.stderr[-2000:]
     header, *rows = (tmp_path / "csv/metrics.csv").read_text().splitlines()
-    assert "drift/adherence/name/turn_2" in header and "drift/likelihood_margin/turn_0" in header
-    column = header.split(",").index("drift/adherence/name/turn_0")
+    assert "val_drift/adherence/name/turn_2" in header and "val_drift/likelihood_margin/turn_0" in header
+    column = header.split(",").index("val_drift/adherence/name/turn_0")
     assert any(r.split(",")[column] for r in rows)  # logged at least once (one validation epoch)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from persona_lit.models.backbones import decoder_layers, load_backbone
 from persona_lit.build import (attach_mechanism, place, plain, require_writable, resolve_device, resolve_persona,
@@ -19,7 +19,7 @@ from persona_lit.data.mt_bench import MTBenchDataModule, neutral_exchanges, refe
 from persona_lit.errors import UserError
 from persona_lit.evaluation.distributed import launch, resolve_placement
 from persona_lit.evaluation.judge import Judge, check_judge, judge_arm
-from persona_lit.training.loggers import make_logger
+from persona_lit.training.loggers import make_logger, training_run_of
 from persona_lit.outputs import staged_dir
 from persona_lit.evaluation.compare import compare_runs
 from persona_lit.evaluation.report import write_report
@@ -179,6 +179,7 @@ def conversation_batch(cfg: DictConfig, setup: DriftSetup, streams, device: torc
 def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge | None, chosen, device, shards):
     """Load, place, run the protocol (on this rank's share of the conversations), report (on rank 0)."""
     main = shards is None or shards.is_main
+    commit = source_commit()  # the code that runs: taken now, not when the (long) run ends
     setup = drift_setup(cfg, turns, chosen, device)
     backbone, mechanism, personas, runner = setup.backbone, setup.mechanism, setup.personas, setup.runner
     capability, probe_turns, precision, config, axis = (setup.capability, setup.probe_turns, setup.precision,
@@ -214,7 +215,7 @@ def _run(cfg: DictConfig, out_dir: Path, turns: MTBenchDataModule, judge: Judge 
               f"run.last_turn says where each stopped")
     results = {
         "schema": RESULTS_SCHEMA,
-        "run": {"ckpt": str(cfg.ckpt), "commit": source_commit(), "model": backbone.name, "mechanism": mechanism.name,
+        "run": {"ckpt": str(cfg.ckpt), "commit": commit, "model": backbone.name, "mechanism": mechanism.name,
                 "persona": ", ".join(p.name for p in personas), "personas": list(by_persona),
                 "turns": int(cfg.turns), "conversations": int(cfg.conversations), "probe_turns": probe_turns,
                 "do_sample": bool(cfg.do_sample), "seed": cfg.seed, "max_new_tokens": int(cfg.max_new_tokens),
@@ -301,26 +302,50 @@ def headline(cfg: DictConfig, probe_turns: list[int]) -> dict[str, Any]:
     return {"metric": str(head.get("metric") or "adherence/name"), "turn": turn}
 
 
+def run_name(run: dict[str, Any]) -> str:
+    """An evaluation's W&B name: mechanism, persona (or how many), protocol."""
+    personas = run["personas"]
+    who = (run["persona"] if personas[0].startswith("<") else personas[0]) if len(personas) == 1 \
+        else f"{len(personas)}personas"  # a checkpoint's own persona: its name
+    return f"eval-{run['mechanism']}-{who}-{run['protocol']['name']}"
+
+
 def log_results(cfg: DictConfig, results: dict[str, Any], out_dir: Path, persona_key: str) -> None:
-    """Per-turn curves with turn as the step (runs of different mechanisms overlay), plots as images and,
-    on W&B, a table of every probe verdict."""
+    """Per-turn curves with the turn as their x-axis (runs of different mechanisms overlay): each metric's mean and
+    95% interval bounds (drift/<metric>, drift/<metric>/ci_low, /ci_high); plots as images (plots/<name>) and, on W&B, a table of
+    every probe verdict (tables/probes). The config is the whole resolved evaluation config, the run block of results.json, and the
+    training run the checkpoint came from (train_run: its directory and W&B run), whose group it joins."""
     run = results["run"]
-    logger = make_logger(cfg.logger, str(out_dir), results["run"], tags=[run["model"], persona_key, "eval"],
-                         group=run["mechanism"], name=f"eval-{run['mechanism']}-{persona_key}")
+    trained = training_run_of(cfg.get("ckpt"))
+    config = {**plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])),
+              "run": {k: v for k, v in run.items() if k not in ("streams", "last_turn")}, "train_run": trained}
+    logger = make_logger(cfg.logger, str(out_dir), config, tags=[run["model"], run["mechanism"], "eval"],
+                         group=(trained or {}).get("group") or run["mechanism"], name=run_name(run), job_type="eval")
     if not logger:
         return
     try:
+        if cfg.logger.kind == "wandb":
+            logger.experiment.define_metric("turn")
+            logger.experiment.define_metric("drift/*", step_metric="turn")
         for turn_index, turn in enumerate(results["run"]["probe_turns"]):
-            logger.log_metrics({f"drift/{name}": m["mean"][turn_index] for name, m in results["metrics"].items()
-                                if turn in m["turn"]}, step=turn)
+            values: dict[str, float] = {"turn": turn}
+            for name, m in results["metrics"].items():
+                if turn not in m["turn"]:
+                    continue
+                i = m["turn"].index(turn)
+                values[f"drift/{name}"] = m["mean"][i]
+                for bound in ("ci_low", "ci_high"):
+                    if (m.get(bound) or [None] * len(m["turn"]))[i] is not None:
+                        values[f"drift/{name}/{bound}"] = m[bound][i]
+            logger.log_metrics(values, step=turn)
         if cfg.logger.kind == "wandb":
             import json
 
             for png in sorted(out_dir.glob("*.png")):
-                logger.log_image(f"drift/{png.stem}_plot", [str(png)])
+                logger.log_image(f"plots/{png.stem}", [str(png)])
             rows = [[r["arm"], r["conversation"], p["turn"], p["kind"], p["question"], p["answer"], p["passed"],
                      p["margin"]] for r in map(json.loads, (out_dir / "transcript.jsonl").open()) for p in r["probes"]]
-            logger.log_table("drift/probes", columns=["arm", "conversation", "turn", "kind", "question", "answer",
+            logger.log_table("tables/probes", columns=["arm", "conversation", "turn", "kind", "question", "answer",
                                                       "passed", "margin"], data=rows)
     finally:
         logger.finalize("success")

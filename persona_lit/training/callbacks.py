@@ -159,7 +159,8 @@ def export_staged(mechanism, directory: Path, state: dict[str, torch.Tensor] | N
 
 class DriftCallback(L.Callback):
     """Every `every_n_val_epochs` validation epochs, a short drift protocol (persona arm only, a few
-    MT-bench turns) on the model being trained; logs `drift/<metric>/turn_<t>` at the current step.
+    MT-bench turns) on the model being trained; logs `val_drift/<metric>/turn_<t>` at the current step
+    (the training step is its x-axis, as for train/* and val/*; evaluate.py's drift/* are against the turn).
     `baseline=True` adds the baseline arm (the persona as system prompt, mechanism disabled) at twice the cost.
 
     Under DDP it runs on rank 0 alone (the other ranks wait for it in their next collective): the protocol's
@@ -198,7 +199,7 @@ class DriftCallback(L.Callback):
                                   baseline=self.baseline)
         finally:
             pl_module.model.train(was_training)
-        values = {f"drift/{name}/turn_{t}": v for name, m in summarize(result, self.probe_turns)["metrics"].items()
+        values = {f"val_drift/{name}/turn_{t}": v for name, m in summarize(result, self.probe_turns)["metrics"].items()
                   for t, v in zip(m["turn"], m["mean"])}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)

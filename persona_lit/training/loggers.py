@@ -41,8 +41,14 @@ def _offline_notice(base_url: str, why: str, save_dir: str) -> None:
     print(line.replace(secret, "***") if secret else line, flush=True)  # the key is never printed
 
 
-def make_logger(cfg: Any, save_dir: str, config: dict[str, Any], tags: list[str], group: str, name: str | None = None):
-    """cfg is the `logger` config group: {kind: wandb|csv|none, project, ...}. Returns a Lightning logger or False."""
+RUN_FILE = "wandb_run.json"  # in a training run's directory: its W&B run, which an evaluation of it links to
+
+
+def make_logger(cfg: Any, save_dir: str, config: dict[str, Any], tags: list[str], group: str, name: str | None = None,
+                job_type: str | None = None):
+    """cfg is the `logger` config group: {kind: wandb|csv|none, project, ...}. Returns a Lightning logger or False.
+    On W&B: the run is named `name`, grouped by `group`, typed `job_type` (train, eval), with `config` as its
+    config."""
     kind = cfg.kind
     if kind == "none":
         return False
@@ -70,7 +76,7 @@ def make_logger(cfg: Any, save_dir: str, config: dict[str, Any], tags: list[str]
         timeout = os.environ.get("WANDB_INIT_TIMEOUT", "30")
         settings = wandb.Settings(init_timeout=float(timeout) if timeout.replace(".", "", 1).isdigit() else 30.0)
         logger = WandbLogger(project=cfg.project, entity=cfg.get("entity"), save_dir=save_dir, name=name, group=group,
-                             tags=tags, offline=mode == "offline", mode=mode, settings=settings)
+                             tags=tags, offline=mode == "offline", mode=mode, settings=settings, job_type=job_type)
         logger.log_hyperparams(config)  # starts the run (wandb.init) on the main process
         return logger
 
@@ -82,3 +88,31 @@ def make_logger(cfg: Any, save_dir: str, config: dict[str, Any], tags: list[str]
         wandb.finish()
         _offline_notice(base_url, str(e), save_dir)
         return start("offline")
+
+
+def record_run(logger: Any, run_dir: Path) -> None:
+    """Writes run_dir/wandb_run.json (id, name, group, project, entity, path) for a W&B logger; nothing otherwise."""
+    run = getattr(logger, "experiment", None) if type(logger).__name__ == "WandbLogger" else None
+    if run is None or not getattr(run, "id", None):
+        return
+    info = {"id": run.id, "name": run.name, "group": run.group, "project": run.project, "entity": run.entity or None}
+    info["path"] = "/".join(str(p) for p in (info["entity"], info["project"], info["id"]) if p)
+    from persona_lit.outputs import write_json
+
+    write_json(Path(run_dir) / RUN_FILE, info)
+
+
+def training_run_of(ckpt: Any) -> dict[str, Any] | None:
+    """The training run an evaluation's checkpoint came from: its directory and, when it logged to W&B, that run
+    (wandb_run.json). None without a checkpoint."""
+    if not ckpt:
+        return None
+    path = Path(str(ckpt))
+    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    info: dict[str, Any] = {"dir": str(run_dir)}
+    record = run_dir / RUN_FILE
+    if record.is_file():
+        import json
+
+        info.update(json.loads(record.read_text(encoding="utf-8")))
+    return info

@@ -18,7 +18,7 @@ from persona_lit.training.callbacks import (DriftCallback, ExportCheckpoint, Log
                                            StopOnNonFiniteLoss, throughput)
 from persona_lit.training.checkpoint import AtomicCheckpointIO
 from persona_lit.errors import UserError
-from persona_lit.training.loggers import make_logger
+from persona_lit.training.loggers import make_logger, record_run
 from persona_lit.training.module import PersonaLitModule
 
 
@@ -70,8 +70,11 @@ def train(cfg: DictConfig) -> Path:
               if cfg.drift.every_n_val_epochs else []),
             *(instantiate(c) for c in (cfg.callbacks or {}).values()),
         ]
-        logger = make_logger(cfg.logger, str(run_dir), {**config, "trainer": plain(cfg.trainer)},
-                             tags=[backbone.name, persona.key, mechanism.name], group=mechanism.name)
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+        logger = make_logger(cfg.logger, str(run_dir), {**plain(cfg), **config, "experiment": experiment},
+                             tags=[backbone.name, persona.key, mechanism.name], group=experiment or mechanism.name,
+                             name=f"{experiment or mechanism.name}-{run_dir.name}", job_type="train")
+        record_run(logger, run_dir)
         if logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         atomic = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # last.ckpt: tmp + rename
