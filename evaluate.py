@@ -1,28 +1,15 @@
-"""Evaluate persona persistence: python evaluate.py ckpt=PATH [turns=12 conversations=1 persona=...]"""
+"""Evaluate persona persistence: python evaluate.py ckpt=PATH [turns=12 conversations=1 persona=...]
+(the console script persona-lit-evaluate runs the same; persona_lit/cli.py)"""
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
 try:
-    from persona_lit.build import preflight
-    from persona_lit.errors import exit_on_user_error
+    from persona_lit.cli import evaluate
 except ImportError as e:  # an untested transformers/Lightning (persona_lit/versions.py): one line, exit 2
     if type(e).__name__ != "UntestedVersionError":
         raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
-
-@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    from persona_lit.evaluation.runner import evaluate
-
-    evaluate(cfg)
-
-
 if __name__ == "__main__":
-    exit_on_user_error(preflight)(sys.argv[1:], config="evaluate")
-    main()
+    evaluate()

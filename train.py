@@ -1,28 +1,15 @@
-"""Train a persona mechanism: python train.py mechanism=lora model=smollm2-135m-instruct trainer.max_steps=30"""
+"""Train a persona mechanism: python train.py mechanism=lora model=smollm2-135m-instruct trainer.max_steps=30
+(the console script persona-lit-train runs the same; persona_lit/cli.py)"""
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
 try:
-    from persona_lit.build import preflight
-    from persona_lit.errors import exit_on_user_error
+    from persona_lit.cli import train
 except ImportError as e:  # an untested transformers/Lightning (persona_lit/versions.py): one line, exit 2
     if type(e).__name__ != "UntestedVersionError":
         raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
-
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    from persona_lit.training.run import train
-
-    train(cfg)
-
-
 if __name__ == "__main__":
-    exit_on_user_error(preflight)(sys.argv[1:], config="train")
-    main()
+    train()

@@ -1,8 +1,6 @@
 """The evaluation engine's exactness: the growing cache, forks, native grouped-query attention, and bf16 without
 its two silent errors (rotary buffers rounded by a cast; trainable weights stuck in bf16)."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -168,9 +168,10 @@ def run_task(cfg: DictConfig) -> Path:
     runs = [(q, s) for q in range(len(questions)) for s in opts.seeds]
     prompts = [prompt_ids(backbone.chat, q, opts.system_prompt) for q in questions]
     control, steered, layer, steer_layers = None, [], None, None
+    model = mechanism = None
     for i, (name, path) in enumerate(zip(names, opts.directions)):
         if i > 0:  # a fresh base model per persona: one steering mechanism, its hooks never stacked
-            del model, mechanism
+            model = mechanism = None  # released before the next model loads
             backbone = load_backbone(cfg.model, device=device)
         mech_cfg = OmegaConf.create(plain(cfg.mechanism))
         mech_cfg.options.direction = path

@@ -1,0 +1,54 @@
+"""The two commands, as console scripts (pyproject's [project.scripts]) and behind train.py / evaluate.py:
+`persona-lit-train mechanism=lyra` is `python train.py mechanism=lyra`, from any directory. The configs are read
+from the checkout's conf/ (an editable install, `pip install -e .`, the one docs/install.md describes); relative
+paths in them (outputs/, cache/, ../shared/data) are relative to the working directory."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from persona_lit.build import CONF_DIR, preflight
+from persona_lit.errors import exit_on_user_error
+
+
+def run(config_name: str, job: Callable[[Any], None], argv: list[str] | None = None) -> None:
+    """Checks the overrides (one line, exit 2, for a mistake), then runs `job` on Hydra's composed config."""
+    import hydra
+
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        print(f"error: {CONF_DIR / (config_name + '.yaml')} not found: persona_lit's commands read the checkout's "
+              f"conf/; install it with `pip install -e <checkout>` (docs/install.md)", file=sys.stderr)
+        sys.exit(2)
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_user_error(preflight)(argv, config=config_name)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    @exit_on_user_error
+    def main(cfg: Any) -> None:
+        job(cfg)
+
+    main()
+
+
+def _train(cfg: Any) -> None:
+    from persona_lit.training.run import train as train_run
+
+    train_run(cfg)
+
+
+def _evaluate(cfg: Any) -> None:
+    from persona_lit.evaluation.runner import evaluate as evaluate_run
+
+    evaluate_run(cfg)
+
+
+def train() -> None:
+    """persona-lit-train: train a persona mechanism (conf/train.yaml)."""
+    run("train", _train)
+
+
+def evaluate() -> None:
+    """persona-lit-evaluate: the drift protocol on a checkpoint or a training-free mechanism (conf/evaluate.yaml)."""
+    run("evaluate", _evaluate)
