@@ -41,10 +41,11 @@ def child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     from persona_lit.models.backbones import load_backbone
     from persona_lit.build import attach_mechanism
+    from persona_lit.config.mechanisms import schema_node
 
     torch.manual_seed(0)
     backbone = load_backbone(OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml"))
-    mech_cfg = OmegaConf.load(REPO / "conf" / "mechanism" / f"{args.mechanism}.yaml")
+    mech_cfg = schema_node(args.mechanism)
     if args.mechanism == "lyra":
         mech_cfg.options.train_layers = True
     model, mechanism = attach_mechanism(backbone, mech_cfg)

@@ -1,6 +1,6 @@
 """Every mechanism's cost over the base model, in one run: forward, train step, decode at turn 1 and at turn N.
 
-Each arm is a copy of one base model with one mechanism attached (default options from conf/mechanism/, steer and
+Each arm is a copy of one base model with one mechanism attached (default options from persona_lit/config/mechanisms.py, steer and
 weight_steer with a random direction / rank-8 ΔW, since speed does not depend on the values). Per measurement the
 arms alternate over `--repeats` and medians are compared with the base model's median of the same run, so
 machine noise hits every arm alike. Printed and written (--json) as ratios mech/base of time (< 1: faster):
@@ -46,6 +46,7 @@ from weight_steer import random_delta  # noqa: E402  (bench/weight_steer.py: a r
 
 from persona_lit.models.backbones import decoder_layers, load_backbone  # noqa: E402
 from persona_lit.build import attach_mechanism  # noqa: E402
+from persona_lit.config.mechanisms import defaults  # noqa: E402
 from persona_lit.evaluation.conversation import Conversation, ConversationRunner  # noqa: E402
 from persona_lit.data import read_mt_bench, turn_stream  # noqa: E402
 from persona_lit.personas.load import load_persona  # noqa: E402
@@ -89,8 +90,8 @@ def model_config(args) -> OmegaConf:
 
 
 def mechanism_options(name: str, bb, tmp: Path, overrides: list[str] = ()) -> dict:
-    """conf/mechanism/NAME.yaml's options, then `--option NAME.KEY=VALUE` overrides (VALUE read as YAML)."""
-    opts = OmegaConf.to_container(OmegaConf.load(CONF / "mechanism" / f"{name}.yaml"))["options"] or {}
+    """NAME's option defaults (persona_lit/config/mechanisms.py), then `--option NAME.KEY=VALUE` overrides (VALUE read as YAML)."""
+    opts = defaults(name)
     for item in overrides:
         mech, _, rest = item.partition(".")
         key, _, value = rest.partition("=")

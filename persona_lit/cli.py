@@ -10,7 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from persona_lit.build import CONF_DIR, preflight
+from persona_lit.config.mechanisms import OPTIONS, described, register
 from persona_lit.errors import exit_on_user_error
+
+HELP = {"-h", "--help"}
 
 
 def run(config_name: str, job: Callable[[Any], None], argv: list[str] | None = None) -> None:
@@ -23,13 +26,28 @@ def run(config_name: str, job: Callable[[Any], None], argv: list[str] | None = N
         sys.exit(2)
     argv = sys.argv[1:] if argv is None else argv
     exit_on_user_error(preflight)(argv, config=config_name)
+    register()
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     @exit_on_user_error
     def main(cfg: Any) -> None:
         job(cfg)
 
-    main()
+    try:
+        main()
+    finally:  # Hydra's --help exits after its part
+        if HELP & set(argv):
+            print("\n".join(options_help(argv)))
+
+
+def options_help(argv: list[str]) -> list[str]:
+    """--help's last part: the options of the mechanism chosen on the command line (all of them when none is)."""
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("mechanism=")]
+    names = [n for n in chosen if n in OPTIONS] or list(OPTIONS)
+    out = ["== Mechanism options (persona_lit/config/mechanisms.py; set as mechanism.options.<name>=...) =="]
+    for name in names:
+        out += described(name)
+    return out
 
 
 def _train(cfg: Any) -> None:

@@ -10,6 +10,16 @@ from omegaconf import OmegaConf
 os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 
+from persona_lit.config.mechanisms import register as _register_mechanism_schemas  # noqa: E402
+from persona_lit.config.mechanisms import schema_node  # noqa: E402
+
+_register_mechanism_schemas()  # Hydra's schemas of conf/mechanism/*.yaml, for the tests that compose with Hydra
+
+
+def mechanism_cfg(name: str):
+    """conf/mechanism/<name>.yaml as Hydra composes it: the name and the options' defaults (a mutable copy)."""
+    return OmegaConf.create(OmegaConf.to_container(schema_node(name)))  # untyped: tests hand constructors bad values
+
 
 def model_cfg(name: str, **overrides):
     cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")

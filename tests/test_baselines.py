@@ -7,11 +7,9 @@ tokens. Backbones load once per module and are deep-copied per test (fast)."""
 import contextlib
 import copy
 import dataclasses
-import inspect
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
 
@@ -23,7 +21,7 @@ from persona_lit.errors import UserError
 from persona_lit.mechanisms import REGISTRY
 from persona_lit.mechanisms.split_softmax import split_softmax
 from persona_lit.personas.load import load_persona
-from tests.conftest import REPO, model_cfg
+from tests.conftest import model_cfg, mechanism_cfg
 
 ATTENTION = ["instaboost", "split_softmax"]
 STRONG = {"instaboost": {"bias": 2.0}, "split_softmax": {"exponent": 0.3}}
@@ -43,7 +41,7 @@ def backbone(name, attn="sdpa"):
 
 def attach(bb, mechanism, **options):
     """attach `mechanism` with its conf/mechanism/*.yaml options, overridden by `options`."""
-    cfg = OmegaConf.load(REPO / "conf" / "mechanism" / f"{mechanism}.yaml")
+    cfg = mechanism_cfg(mechanism)
     for k, v in options.items():
         cfg.options[k] = v
     return attach_mechanism(bb, cfg)
@@ -262,13 +260,6 @@ def test_repeat_inserts_a_system_message_or_prefixes_the_user_message_on_gemma()
 
 
 # config ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mechanism", ["instaboost", "split_softmax", "repeat"])
-def test_signature_defaults_are_the_yaml_defaults(mechanism):
-    signature = inspect.signature(REGISTRY[mechanism].__init__).parameters
-    yaml = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "mechanism" / f"{mechanism}.yaml").options)
-    assert {k: p.default for k, p in signature.items() if k != "self"} == yaml
-
-
 @pytest.mark.parametrize("mechanism,options,facts", [
     ("instaboost", {"bias": "strong"}, ["mechanism.options.bias='strong'", "finite number"]),
     ("instaboost", {"bias": float("inf")}, ["mechanism.options.bias=inf"]),

@@ -12,14 +12,13 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from persona_lit.models.backbones import load_backbone
 from persona_lit.build import attach_mechanism
 from persona_lit.evaluation.conversation import ConversationRunner, TurnRecord
 from persona_lit.evaluation.protocol import ProtocolResult, merge, run_protocol, summarize
 from persona_lit.personas.load import load_persona
-from tests.conftest import REPO, model_cfg, run_cli
+from tests.conftest import model_cfg, run_cli, mechanism_cfg
 from tests.test_drift import PERSONA, PROBE_TURNS, TURNS, ScriptedRunner
 
 
@@ -165,7 +164,7 @@ def delta(bb, tmp_path):
 
 def protocol(bb, mechanism, tmp_path, **options):
     """The drift protocol with the bleed arm, two conversations of two turns, the persona's first name probe."""
-    cfg = OmegaConf.load(REPO / "conf" / "mechanism" / f"{mechanism}.yaml")
+    cfg = mechanism_cfg(mechanism)
     if mechanism == "steer":
         cfg.options.direction = direction(bb, tmp_path)
     if mechanism == "weight_steer":

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from persona_lit.build import attach_mechanism
-from tests.conftest import REPO, run_cli, sample_batch
+from tests.conftest import run_cli, sample_batch, mechanism_cfg
 
 MECHANISMS = {
     "lora": {"dropout": 0.0},
@@ -22,7 +21,7 @@ MECHANISMS = {
 
 
 def attach(bb, name, tmp_path):
-    cfg = OmegaConf.load(REPO / "conf" / "mechanism" / f"{name.split('-')[0]}.yaml")
+    cfg = mechanism_cfg(name.split('-')[0])
     for k, v in MECHANISMS[name].items():
         cfg.options[k] = v
     if name.startswith("steer"):

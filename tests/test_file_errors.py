@@ -15,6 +15,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import mechanism_cfg
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
@@ -443,7 +445,7 @@ def lora_ckpt(tmp_path_factory):
     from persona_lit.personas.load import load_persona, persona_to_dict
 
     model_cfg = OmegaConf.load(CONF / "model" / "tiny-llama.yaml")
-    mech_cfg = OmegaConf.load(CONF / "mechanism" / "lora.yaml")
+    mech_cfg = mechanism_cfg("lora")
     backbone = load_backbone(model_cfg)
     model, _ = attach_mechanism(backbone, mech_cfg)
     config = {"model": plain(model_cfg), "mechanism": plain(mech_cfg),

@@ -10,7 +10,7 @@ from persona_lit.evaluation.conversation import Conversation, ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.personas.load import load_persona
 from persona_lit.steering.vectors import Direction, block_hooks, load_direction
-from tests.conftest import REPO, model_cfg, run_cli, sample_batch
+from tests.conftest import model_cfg, run_cli, sample_batch, mechanism_cfg
 
 CASES = [("tiny-llama", [0]), ("tiny-llama", [3]), ("tiny-llama", [1, 2]),
          ("tiny-gemma3", [0]), ("tiny-gemma3", [2, 5]), ("tiny-gemma3", [0, 1, 2, 3, 4, 5])]
@@ -28,7 +28,7 @@ def direction_file(bb, path, seed=1, **meta):
 
 def steer(bb, path, **options):
     """attach mechanism=steer with conf/mechanism/steer.yaml's options, overridden by `options`."""
-    cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "steer.yaml")
+    cfg = mechanism_cfg("steer")
     cfg.options.direction = str(path)
     for k, v in options.items():
         cfg.options[k] = v
@@ -277,22 +277,6 @@ def test_the_vector_moves_with_the_model_to_bf16(backbone_factory, tmp_path):
         assert torch.equal(logits(model, batch), logits(base.model, batch))
 
 
-def test_signature_defaults_are_the_yaml_defaults():
-    import inspect
-
-    from persona_lit.mechanisms.steer import SteerMechanism
-
-    signature = inspect.signature(SteerMechanism.__init__).parameters
-    from persona_lit.build import resolve_train_switch
-
-    # the yaml's null train_vector is resolved by build.py (true in train.py, false elsewhere); outside
-    # training it resolves to the signature's default
-    yaml_cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "steer.yaml")
-    assert yaml_cfg.options.train_vector is None
-    yaml = OmegaConf.to_container(resolve_train_switch(yaml_cfg, training=False).options)
-    assert {k: p.default for k, p in signature.items() if k != "self"} == yaml
-
-
 @pytest.mark.parametrize("options,facts", [
     ({"direction": None}, ["mechanism.options.direction=None", "give the path"]),
     ({"direction": "/nonexistent/d.safetensors"}, ["mechanism.options.direction=/nonexistent", "not found"]),
@@ -312,7 +296,7 @@ def test_bad_options_are_one_line_user_errors(backbone_factory, tmp_path, option
     path = direction_file(bb, tmp_path / "d.safetensors", **meta)
     if "_layer_types" in options:  # a cache layer the runner cannot roll back
         bb.model.config.layer_types = ["full_attention"] * 3 + [options.pop("_layer_types")]
-    cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "steer.yaml")
+    cfg = mechanism_cfg("steer")
     cfg.options.direction = str(path)
     for k, v in options.items():
         cfg.options[k] = v

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import mechanism_cfg, run_cli
 
 TINY = ["model=tiny-llama", "logger=none", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
         "module.optimizer.lr=1e-2"]
@@ -27,7 +27,7 @@ def test_bare_train_trains_a_tensor(mechanism, tmp_path):
     assert trained, "a checkpoint with no tensors"
     L.seed_everything(0, workers=True, verbose=False)  # as train.py does before it builds the mechanism
     backbone = load_backbone(OmegaConf.load(CONF_DIR / "model/tiny-llama.yaml"))
-    model, _ = attach_mechanism(backbone, OmegaConf.load(CONF_DIR / f"mechanism/{mechanism}.yaml"), training=True)
+    model, _ = attach_mechanism(backbone, mechanism_cfg(mechanism), training=True)
     initial = {k: v.detach().float() for k, v in model.named_parameters() if v.requires_grad}
     assert set(trained) <= set(initial), sorted(set(trained) - set(initial))[:4]
     moved = [k for k in trained if not torch.equal(trained[k].float(), initial[k])]
@@ -44,9 +44,9 @@ def test_nothing_to_train_is_one_line(mechanism, tmp_path):
 
 
 def test_lyra_trains_in_train_py_and_is_frozen_in_evaluate(backbone_factory):
-    from persona_lit.build import CONF_DIR, attach_mechanism, resolve_train_switch
+    from persona_lit.build import attach_mechanism, resolve_train_switch
 
-    cfg = OmegaConf.load(CONF_DIR / "mechanism/lyra.yaml")
+    cfg = mechanism_cfg("lyra")
     assert cfg.options.train_layers is None
     assert resolve_train_switch(cfg, training=True).options.train_layers is True
     assert resolve_train_switch(cfg, training=False).options.train_layers is False

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -15,7 +14,7 @@ from persona_lit.evaluation.conversation import ConversationRunner
 from persona_lit.errors import UserError
 from persona_lit.personas.load import load_persona
 from persona_lit.steering.weight_diff import build_delta, load_delta, merged_delta, random_like, save_delta
-from tests.conftest import REPO, run_cli, sample_batch
+from tests.conftest import run_cli, sample_batch, mechanism_cfg
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (model, targets, pos adapter options, neg adapter options): ranks, alphas, rsLoRA and patterns differ per side
@@ -85,7 +84,7 @@ def delta_file(backbone_factory, tmp_path):
 
 
 def weight_steer(bb, path, **options):
-    cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "weight_steer.yaml")
+    cfg = mechanism_cfg("weight_steer")
     cfg.options.delta = str(path)
     for k, v in options.items():
         cfg.options[k] = v
@@ -264,7 +263,7 @@ def test_composed_delta_files_add_with_their_weights(backbone_factory, delta_fil
     bb = backbone_factory("tiny-llama")
     before = weights(bb.model)
     def composed(**options):
-        cfg = OmegaConf.load(REPO / "conf" / "mechanism" / "weight_steer.yaml")
+        cfg = mechanism_cfg("weight_steer")
         cfg.options.delta = [str(path), str(other)]
         cfg.options.update(options)
         return attach_mechanism(bb, cfg)

@@ -12,8 +12,9 @@ checks, in order:
      `~key` deletes only under OPEN;
   4. types: every key of the composed config against a schema derived from the YAML defaults
      (int, float, bool, str, list[int], list[float], list[str]) plus RULES, which give ranges, choices and the
-     type of keys whose default says nothing (null, []), in persona_lit/config/schema.py. Defaults live only in
-     the YAML.
+     type of keys whose default says nothing (null, []), in persona_lit/config/schema.py; a mechanism's options
+     are typed, ranged and defaulted by its dataclass (persona_lit/config/mechanisms.py), Hydra's schema of its
+     conf/mechanism/ file.
 
 `experiment=NAME` (conf/experiment/NAME.yaml, `# @package _global_`) is a bundle of overrides. Its second line
 `# entry: train` or `# entry: evaluate` names the entry point it is for; the other one refuses it in one line. The
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from persona_lit.config.overrides import (CONF_DIR, HELP_FLAGS, OTHER_CONFIG_FLAGS, Given, Skip, bundle_values,
                                          check_groups, compose_base, compose_config, first_value, group_choices,
                                          groups_of, parse, split_flags, suggest)
+from persona_lit.config.mechanisms import OPTIONS, schema_node
 from persona_lit.config.schema import ADDABLE, LIMITS, OPEN, Spec, schema, spec_for
 from persona_lit.errors import UserError
 
@@ -80,6 +82,8 @@ def _group_files(conf_dir: Path, group: str) -> dict[str, dict]:
     for choice in group_choices(conf_dir, group):
         raw = OmegaConf.to_container(OmegaConf.load(conf_dir / group / f"{choice}.yaml"))
         raw.pop("defaults", None)
+        if group == "mechanism" and choice in OPTIONS:  # its options: the schema's dataclass (config/mechanisms.py)
+            raw = OmegaConf.to_container(OmegaConf.merge(schema_node(choice), raw))
         out[choice] = raw
     return out
 
@@ -263,7 +267,11 @@ def check_cli(argv: list[str], config: str, conf_dir: Path = CONF_DIR) -> DictCo
     first = [first_value(g) for g in given]
     group_overrides = [f for f, g in zip(first, given) if "." not in g.key and "=" in f
                        and ((conf_dir / g.key.split("@")[0]).is_dir() or "/" in g.key)]
-    chosen_cfg = compose_base(conf_dir, config, tuple(group_overrides))
+    try:
+        chosen_cfg = compose_base(conf_dir, config, tuple(group_overrides))
+    except UserError:  # Hydra's schema refused a bundle's key: say which bundle key, and where it belongs
+        _explain_bundle(conf_dir, config, group_overrides)
+        raise
     choices = dict(chosen_cfg.hydra.runtime.choices)
     base_cfg, origins = chosen_cfg, {}
     experiment = choices.get("experiment") if "experiment" in groups_of(conf_dir, config) else None
@@ -285,6 +293,20 @@ def check_cli(argv: list[str], config: str, conf_dir: Path = CONF_DIR) -> DictCo
     check_values(_plain(_user_part(cfg), resolve=True, given=by_key), specs, by_key, config, choices, conf_dir,
                  origins)
     return cfg
+
+
+def _explain_bundle(conf_dir: Path, config: str, group_overrides: list[str]) -> None:
+    """Where an experiment bundle cannot compose (a key of its own group choice under another one the command line
+    made: Hydra's typed schemas refuse it), the bundle's key check against the command line's choices gives the
+    one line that names the key and the choices that have it. Returns where that finds nothing."""
+    bundle = [o.split("=", 1)[1] for o in group_overrides if o.startswith("experiment=")]
+    if not bundle or "experiment" not in groups_of(conf_dir, config):
+        return
+    others = tuple(o for o in group_overrides if not o.startswith("experiment="))
+    base = compose_base(conf_dir, config, others)
+    tree = {**_plain(_user_part(base), resolve=False), "hydra": OmegaConf.to_container(base.hydra, resolve=False)}
+    check_bundle_keys(bundle_values(conf_dir, "experiment", bundle[0]), tree, conf_dir,
+                      dict(base.hydra.runtime.choices), f"experiment={bundle[0]}")
 
 
 def schema_of(cfg: DictConfig, config: str) -> dict[str, Spec]:

@@ -176,6 +176,9 @@ def compose_config(conf_dir: Path, config: str, overrides: list[str]) -> DictCon
     """Hydra's compose (nothing is written); any composition error becomes one line."""
     from hydra import compose, initialize_config_dir
 
+    from persona_lit.config.mechanisms import register
+
+    register()
     try:
         with initialize_config_dir(str(conf_dir), version_base="1.3"):
             return compose(config, overrides=overrides, return_hydra_config=True)

@@ -1,7 +1,9 @@
 """The schema check.py checks overrides against: what every key accepts (type, null, range, choices).
 
-Defaults live only in the YAML: a key's type comes from its default (derive), and RULES add what a default cannot
-say (ranges, choices, the type of a null or [] default). schema() gives the Spec of every key of a composed config.
+A key's type comes from its default (derive), and a rule adds what a default cannot say (ranges, choices, the type
+of a null or [] default): for mechanism options the `rule` of its field in config/mechanisms.py (whose dataclasses
+also hold the defaults), for every other key RULES below beside the YAML defaults. schema() gives the Spec of every
+key of a composed config.
 """
 
 from __future__ import annotations
@@ -24,18 +26,6 @@ RULES = {
     "model.name_or_path": "str?", "model.gguf_package": "str?", "model.tokenizer_from": "str",
     "model.default_system_prompt": "str?", "model.quantization": "str? {nf4,int8}",
     "model.dtype": "str {float32,bfloat16,float16}", "model.chat_format": "str {chatml,gemma,llama3}",
-    "mechanism.options.target_modules": "str|list[str]?", "mechanism.options.r": ">= 1",
-    "mechanism[lora].options.alpha": "float > 0", "mechanism.options.dropout": "[0, 1)",
-    "mechanism.options.layers": "list[int]? >= 0", "mechanism[steer].options.layers": "int|list[int]? >= 0",
-    "mechanism.options.lora_r": ">= 0", "mechanism.options.lora_alpha": "float? > 0",
-    "mechanism.options.history_window": ">= 0", "mechanism.options.linkage": "[0, 1]",
-    "mechanism.options.memory_tokens": ">= 1", "mechanism.options.direction": "str?",
-    "mechanism.options.cap": "float?", "mechanism.options.positions": "{all,prompt,response}",
-    "mechanism.options.history": "{steered,clean}", "mechanism.options.delta": "str|list[str]?",
-    "mechanism.options.weights": "list[float]?",
-    "mechanism.options.control": "str? {random}", "mechanism.options.exponent": "> 0",
-    "mechanism.options.every": ">= 0",
-    "mechanism.options.train_layers": "bool?", "mechanism.options.train_vector": "bool?",
     "logger.kind": "{wandb,csv,none}", "logger.entity": "str?",
     # train.yaml
     "ckpt_path": "str?", "callbacks": "dict?", "module.kl_weight": ">= 0", "module.distill_weight": ">= 0",
@@ -203,6 +193,10 @@ def derive(default: Any) -> Spec:
 
 def rule_for(path: str, config: str, choices: dict[str, Any]) -> str | None:
     head, _, rest = path.partition(".")
+    if path.startswith("mechanism.options."):  # beside the field: persona_lit/config/mechanisms.py
+        from persona_lit.config.mechanisms import rule
+
+        return rule(choices.get("mechanism"), path.split(".", 2)[2])
     qualified = f"{head}[{choices.get(head)}].{rest}" if rest and head in choices else None
     for table in (RULES_OF.get(config, {}), RULES):
         for key in (qualified, path):

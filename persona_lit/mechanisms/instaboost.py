@@ -30,7 +30,8 @@ from persona_lit.mechanisms.system_attention import SystemAttentionMechanism, ad
 class InstaBoostMechanism(SystemAttentionMechanism):
     name = "instaboost"
 
-    # Defaults as in conf/mechanism/instaboost.yaml, where they are documented (a test keeps the two equal).
+    # Defaults as in its options dataclass (persona_lit/config/mechanisms.py), where they are documented and typed
+    # (a test keeps the two equal).
     def __init__(self, bias: float = 1.0, layers: int | list[int] | None = None):
         super().__init__(layers)
         self.bias = self.number(bias, "bias")

@@ -26,7 +26,8 @@ class RepeatMechanism(Mechanism):
     turn_bound = False  # stateless per token: closing tokens may wait for the next forward
     attention_untouched = True  # weights, prompts or nothing: attention as the model has it
 
-    # Defaults as in conf/mechanism/repeat.yaml, where they are documented (a test keeps the two equal).
+    # Defaults as in its options dataclass (persona_lit/config/mechanisms.py), where they are documented and typed
+    # (a test keeps the two equal).
     def __init__(self, every: int = 4):
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise UserError(f"mechanism.options.every={every!r}: need an integer >= 0 (0: never re-insert)")

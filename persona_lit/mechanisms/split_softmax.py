@@ -50,7 +50,8 @@ def split_softmax(part: torch.Tensor, rest: torch.Tensor, pi: torch.Tensor, othe
 class SplitSoftmaxMechanism(SystemAttentionMechanism):
     name = "split_softmax"
 
-    # Defaults as in conf/mechanism/split_softmax.yaml, where they are documented (a test keeps the two equal).
+    # Defaults as in its options dataclass (persona_lit/config/mechanisms.py), where they are documented and typed
+    # (a test keeps the two equal).
     def __init__(self, exponent: float = 0.5, layers: int | list[int] | None = None):
         super().__init__(layers)
         self.exponent = self.number(exponent, "exponent", low=0.0)

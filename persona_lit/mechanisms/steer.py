@@ -76,7 +76,8 @@ class SteerMechanism(Mechanism):
     name = "steer"
     attention_untouched = True  # it adds to the residual stream: attention as the model has it
 
-    # Defaults as in conf/mechanism/steer.yaml, where they are documented (a test keeps the two equal).
+    # Defaults as in its options dataclass (persona_lit/config/mechanisms.py), where they are documented and typed
+    # (a test keeps the two equal).
     def __init__(self, direction: str | None = None, layers: int | list[int] | None = None, alpha: float = 0.25,
                  positions: str = "all", cap: float | None = None, history: str = "steered",
                  train_vector: bool = False):

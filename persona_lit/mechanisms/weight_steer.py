@@ -46,7 +46,7 @@ class WeightSteerMechanism(Mechanism):
     turn_bound = False  # stateless per token: closing tokens may wait for the next forward
     attention_untouched = True  # weights, prompts or nothing: attention as the model has it
 
-    # Defaults: conf/mechanism/weight_steer.yaml (the one place they are written).
+    # No defaults here: WeightSteerOptions (persona_lit/config/mechanisms.py) is the one place they are written.
     def __init__(self, delta: Any, alpha: float, control: str | None, seed: int, weights: Any = None):
         paths = [delta] if isinstance(delta, str) else list(delta or [])
         if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
