@@ -20,7 +20,7 @@ from persona_lit.personas.load import load_persona, persona_from_dict, persona_t
 from persona_lit.personas.types import Persona
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment", "task")
+GROUPS = ("model", "mechanism", "data", "trainer", "logger", "experiment", "task", "eval")
 
 
 def preflight(argv: list[str], conf_dir: Path = CONF_DIR, config: str | None = None) -> None:
