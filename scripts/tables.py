@@ -95,7 +95,7 @@ def headline() -> str:
                        f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (t over personas).")]
         out += ["", f"Measured on {res['measured_on']} at commit `{str(run.get('commit'))[:12]}`: `{res['command']}` "
                 f"(`{path.relative_to(REPO)}`, report: `results/{path.stem}.md`).", ""]
-    out += protocol_agreement(loaded)
+    out += versus_training_free(loaded) + protocol_agreement(loaded)
     return "\n".join(out) if out else "No committed results yet (`results/`).\n"
 
 
@@ -135,6 +135,46 @@ def protocol_agreement(loaded: list[dict]) -> list[str]:
                       f"{a['headline']['turn']}, mechanism minus baseline): {mx:+.3f} free, {my:+.3f} replay over the "
                       f"{len(both)} personas both measured; per-persona correlation {r}, mean absolute gap "
                       f"{gap:.3f} (`{free['name']}`, `{replay['name']}`).", ""]
+    return lines
+
+
+def _paired_key(res: dict) -> tuple:
+    """What two results must share for their per-persona headline differences to pair exactly: model, protocol and
+    its transcript, the evaluated personas, the question split and the headline."""
+    run = res["run"]
+    return (run["model"], run["protocol"]["name"], run["protocol"].get("transcript"),
+            tuple(run["persona_split"]["keys"]), (run.get("question_split") or {}).get("hash"),
+            run["headline"]["metric"], run["headline"]["turn"], run["conversations"])
+
+
+def versus_training_free(loaded: list[dict]) -> list[str]:
+    """Each mechanism trained on the pool (a result with a checkpoint) against each training-free mechanism measured
+    on the same footing (_paired_key): the difference of their headline differences per persona (both minus the
+    same `none` arm; under replay that arm is the same computation, so this is the trained mechanism minus the
+    training-free one), mean and 95% t-interval over personas. One comparison per pair, declared with the
+    headline metric: the interval excluding 0 is the verdict."""
+    sys.path.insert(0, str(REPO))
+    from persona_lit.metrics.drift import t_interval
+
+    lines = []
+    for trained in (r for r in loaded if r["run"].get("ckpt") not in (None, "None")):
+        for free in (r for r in loaded if r["run"].get("ckpt") in (None, "None")):
+            if _paired_key(trained) != _paired_key(free):
+                continue
+            a, b = _headline_values(trained), _headline_values(free)
+            both = sorted(set(a) & set(b))
+            if len(both) < 2:
+                continue
+            mean, low, high = t_interval([a[k] - b[k] for k in both])
+            head = trained["run"]["headline"]
+            if low == high:  # every persona the same difference: no spread, no interval
+                shown, verdict = f"{mean:+.3f} for every persona (no interval)", "no interval, no verdict"
+            else:
+                shown = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (paired over {len(both)} personas, t)"
+                verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+            lines += [f"`{trained['run']['mechanism']}` (trained, `{trained['name']}`) against "
+                      f"`{free['run']['mechanism']}` (training-free, `{free['name']}`) on {head['metric']} at turn "
+                      f"{head['turn']}: {shown}: {verdict}.", ""]
     return lines
 
 

@@ -44,3 +44,33 @@ def test_free_and_replay_views_of_one_mechanism_are_compared_per_persona():
     other = res("o", "replay", {"a": 0.2, "b": 0.3, "c": 0.4})
     other["run"]["mechanism"] = "lyra"
     assert tables.protocol_agreement([free, other]) == []  # different mechanisms are not two views of one
+
+
+def test_a_trained_mechanism_is_paired_with_a_training_free_one_on_the_same_footing():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tables", REPO / "scripts" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def res(name, mechanism, ckpt, diffs, transcript="t1"):
+        head = {"metric": "choice/log_odds", "turn": 8}
+        return {"name": name, "run": {"mechanism": mechanism, "ckpt": ckpt, "model": "m", "headline": head,
+                                      "conversations": 2, "question_split": {"hash": "q"},
+                                      "persona_split": {"keys": ["a", "b", "c"]},
+                                      "protocol": {"name": "replay", "transcript": transcript}},
+                "by_persona": {k: {"vs_baseline/choice/log_odds": {"turn": [0, 8], "mean": [0.0, d]}}
+                               for k, d in diffs.items()}}
+
+    repeat = res("r", "repeat", None, {"a": 0.5, "b": 0.6, "c": 0.7})
+    lyra = res("l", "lyra", "outputs/train/lyra/x", {"a": 1.5, "b": 1.5, "c": 1.8})
+    text = "\n".join(tables.versus_training_free([repeat, lyra]))
+    assert "`lyra` (trained, `l`) against `repeat` (training-free, `r`)" in text
+    assert "+1.000 [" in text and "paired over 3 personas" in text and ": better." in text
+    worse = res("w", "lyra", "x", {"a": 0.4, "b": 0.6, "c": 0.3})
+    assert "no clear difference" in "\n".join(tables.versus_training_free([repeat, worse]))
+    same = res("s", "lyra", "x", {"a": 1.5, "b": 1.6, "c": 1.7})
+    assert "+1.000 for every persona (no interval): no interval, no verdict" in "\n".join(
+        tables.versus_training_free([repeat, same]))
+    other = res("o", "lyra", "x", {"a": 1.5, "b": 1.5, "c": 1.8}, transcript="t2")
+    assert tables.versus_training_free([repeat, other]) == []  # another transcript: nothing pairs
