@@ -279,7 +279,9 @@ def user_part(cfg) -> dict:
 
 
 def choices(cfg) -> dict:
-    return {k: v for k, v in cfg.hydra.runtime.choices.items() if k != "experiment" and not k.startswith("hydra/")}
+    """The group choices but experiment and eval (an eval group only sets values: those are compared in full)."""
+    return {k: v for k, v in cfg.hydra.runtime.choices.items()
+            if k not in ("experiment", "eval") and not k.startswith("hydra/")}
 
 
 def diff(a, b, prefix=""):
