@@ -139,10 +139,10 @@ def protocol_agreement(loaded: list[dict]) -> list[str]:
 
 
 def _paired_key(res: dict) -> tuple:
-    """What two results must share for their per-persona headline differences to pair exactly: model, protocol and
-    its transcript, the evaluated personas, the question split and the headline."""
+    """What two results must share for their per-persona headline differences to pair: model, protocol, the evaluated
+    personas, the question split, the conversations and the headline."""
     run = res["run"]
-    return (run["model"], run["protocol"]["name"], run["protocol"].get("transcript"),
+    return (run["model"], run["protocol"]["name"],
             tuple(run["persona_split"]["keys"]), (run.get("question_split") or {}).get("hash"),
             run["headline"]["metric"], run["headline"]["turn"], run["conversations"])
 
@@ -151,7 +151,8 @@ def versus_training_free(loaded: list[dict]) -> list[str]:
     """Each mechanism trained on the pool (a result with a checkpoint) against each training-free mechanism measured
     on the same footing (_paired_key): the difference of their headline differences per persona (both minus the
     same `none` arm; under replay that arm is the same computation, so this is the trained mechanism minus the
-    training-free one), mean and 95% t-interval over personas. One comparison per pair, declared with the
+    training-free one; where the two runs' transcripts differ, each difference is against its own run's `none` arm,
+    and the line says so), mean and 95% t-interval over personas. One comparison per pair, declared with the
     headline metric: the interval excluding 0 is the verdict."""
     sys.path.insert(0, str(REPO))
     from persona_lit.metrics.drift import t_interval
@@ -172,9 +173,12 @@ def versus_training_free(loaded: list[dict]) -> list[str]:
             else:
                 shown = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (paired over {len(both)} personas, t)"
                 verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+            ta, tb = trained["run"]["protocol"].get("transcript"), free["run"]["protocol"].get("transcript")
+            footing = ("the same transcript" if ta == tb else
+                       f"transcripts differ ({ta} and {tb}: each against its own run's `none` arm)")
             lines += [f"`{trained['run']['mechanism']}` (trained, `{trained['name']}`) against "
                       f"`{free['run']['mechanism']}` (training-free, `{free['name']}`) on {head['metric']} at turn "
-                      f"{head['turn']}: {shown}: {verdict}.", ""]
+                      f"{head['turn']}, each minus `none`, {footing}: {shown}: {verdict}.", ""]
     return lines
 
 

@@ -72,5 +72,9 @@ def test_a_trained_mechanism_is_paired_with_a_training_free_one_on_the_same_foot
     same = res("s", "lyra", "x", {"a": 1.5, "b": 1.6, "c": 1.7})
     assert "+1.000 for every persona (no interval): no interval, no verdict" in "\n".join(
         tables.versus_training_free([repeat, same]))
+    assert "the same transcript" in text
     other = res("o", "lyra", "x", {"a": 1.5, "b": 1.5, "c": 1.8}, transcript="t2")
-    assert tables.versus_training_free([repeat, other]) == []  # another transcript: nothing pairs
+    assert "transcripts differ (t2 and t1" in "\n".join(tables.versus_training_free([repeat, other]))
+    elsewhere = res("e", "lyra", "x", {"a": 1.5, "b": 1.5, "c": 1.8})
+    elsewhere["run"]["persona_split"]["keys"] = ["a", "b", "d"]
+    assert tables.versus_training_free([repeat, elsewhere]) == []  # other personas: nothing pairs
