@@ -18,9 +18,10 @@ def test_drift_callback_under_ddp_finishes_and_logs(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     header, *rows = (tmp_path / "csv/metrics.csv").read_text().splitlines()
     names = header.split(",")
-    for name in ("drift/adherence/name/turn_0", "drift/adherence/name/turn_2", "drift/likelihood_margin/turn_2"):
+    for name in ("val_drift/adherence/name/turn_0", "val_drift/adherence/name/turn_2",
+                 "val_drift/likelihood_margin/turn_2"):
         assert name in names, names
-    column = names.index("drift/likelihood_margin/turn_2")
+    column = names.index("val_drift/likelihood_margin/turn_2")
     assert any(r.split(",")[column] for r in rows)  # a value was logged
 
 
